@@ -1,0 +1,57 @@
+"""Stable numeric error codes shared by every transport.
+
+The codes double as WebSocket close codes (4000-4999 is the range RFC 6455 leaves to
+applications), so a client sees the same number whether it reads an `error` frame or a
+close frame. They are public API: never renumber, only add.
+"""
+
+from enum import IntEnum
+
+
+class ErrorCode(IntEnum):
+    MALFORMED = 4000  # bytes that do not decode to a map, or a map without a string `op`
+    AUTH_FAILED = 4001  # bad, expired, forged or mismatched token; unknown product
+    AUTH_TIMEOUT = 4002  # no successful auth within the deadline
+    NOT_AUTHENTICATED = 4003  # an op other than auth/ping before auth
+    UNKNOWN_OP = 4004  # `op` is not one this side accepts
+    BAD_FIELD = 4005  # a field is missing or has the wrong type or value
+    FRAME_TOO_LARGE = 4006  # frame longer than the negotiated limit
+    HEARTBEAT_TIMEOUT = 4007  # nothing received for 3 heartbeat intervals
+    SLOW_CONSUMER = 4008  # the high-priority queue overflowed: the client does not read
+    PROTOCOL_VIOLATION = 4009  # transport-level rule broken (bad WebSocket framing, ...)
+    SERVER_SHUTDOWN = 4010  # the instance is stopping; reconnect elsewhere
+    REPLACED = 4011  # the same uid and device logged in on another connection
+    ALREADY_AUTHENTICATED = 4012  # a second auth on an authenticated connection
+
+
+#: Errors after which the server closes the connection. The rest are answered and the
+#: connection stays open, so one bad frame from a client does not cost it its session.
+FATAL_CODES = frozenset(
+    {
+        ErrorCode.MALFORMED,
+        ErrorCode.AUTH_FAILED,
+        ErrorCode.AUTH_TIMEOUT,
+        ErrorCode.FRAME_TOO_LARGE,
+        ErrorCode.HEARTBEAT_TIMEOUT,
+        ErrorCode.SLOW_CONSUMER,
+        ErrorCode.PROTOCOL_VIOLATION,
+        ErrorCode.SERVER_SHUTDOWN,
+        ErrorCode.REPLACED,
+    }
+)
+
+
+class ProtocolError(Exception):
+    """A peer broke the protocol; carries the code and a reason fit to send back."""
+
+    def __init__(self, code: ErrorCode, reason: str) -> None:
+        super().__init__(f"{int(code)} {reason}")
+        self.code = code
+        self.reason = reason
+
+    @property
+    def fatal(self) -> bool:
+        return self.code in FATAL_CODES
+
+    def to_map(self) -> dict:
+        return {"op": "error", "code": int(self.code), "reason": self.reason}

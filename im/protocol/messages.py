@@ -1,0 +1,139 @@
+"""The message model: which ops each side may send and what their fields must be.
+
+Every message is a map with a string `op`. Unknown extra fields are ignored so that
+either side can add fields without breaking older peers; missing or mistyped known
+fields are refused with BAD_FIELD, unknown ops with UNKNOWN_OP.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from im.protocol.errors import ErrorCode, ProtocolError
+
+PRIORITIES = ("high", "normal", "low")
+PRIORITY_INDEX = {name: i for i, name in enumerate(PRIORITIES)}
+MAX_ACK_IDS = 1000
+
+Check = Callable[[Any], str | None]
+
+
+def text(max_len: int, *, allow_empty: bool = False) -> Check:
+    def check(value: Any) -> str | None:
+        if not isinstance(value, str):
+            return "must be a string"
+        if not value and not allow_empty:
+            return "must not be empty"
+        if len(value) > max_len:
+            return f"must be at most {max_len} characters"
+        return None
+
+    return check
+
+
+def integer(lo: int, hi: int) -> Check:
+    def check(value: Any) -> str | None:
+        if not isinstance(value, int) or isinstance(value, bool):
+            return "must be an integer"
+        if not lo <= value <= hi:
+            return f"must be between {lo} and {hi}"
+        return None
+
+    return check
+
+
+def number(lo: float, hi: float) -> Check:
+    def check(value: Any) -> str | None:
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            return "must be a number"
+        if not lo <= value <= hi:
+            return f"must be between {lo} and {hi}"
+        return None
+
+    return check
+
+
+def one_of(*choices: Any) -> Check:
+    def check(value: Any) -> str | None:
+        if value not in choices or isinstance(value, bool):
+            return f"must be one of {', '.join(map(str, choices))}"
+        return None
+
+    return check
+
+
+def id_list(max_items: int, max_len: int) -> Check:
+    item = text(max_len)
+
+    def check(value: Any) -> str | None:
+        if not isinstance(value, list):
+            return "must be a list of strings"
+        if len(value) > max_items:
+            return f"must hold at most {max_items} ids"
+        for entry in value:
+            if item(entry) is not None:
+                return f"must hold non-empty strings of at most {max_len} characters"
+        return None
+
+    return check
+
+
+def anything(value: Any) -> str | None:
+    return None
+
+
+#: op -> {field: (check, required)}
+Schema = Mapping[str, Mapping[str, tuple[Check, bool]]]
+
+CLIENT_OPS: Schema = {
+    "auth": {
+        "product": (text(64), True),
+        "uid": (text(128), True),
+        "device": (text(128, allow_empty=True), False),
+        "token": (text(4096), True),
+    },
+    "ping": {},
+    "ack": {"ids": (id_list(MAX_ACK_IDS, 64), True)},
+}
+
+SERVER_OPS: Schema = {
+    "auth_ok": {"conn": (text(64), True), "hb": (number(1, 3600), True)},
+    "pong": {},
+    "push": {
+        "id": (text(64), True),
+        "type": (text(64), True),
+        "pri": (one_of(*PRIORITIES), True),
+        "qos": (one_of(0, 1), True),
+        "ts": (integer(0, 2**53), True),
+        "body": (anything, False),
+    },
+    "error": {"code": (integer(1000, 4999), True), "reason": (text(1024, allow_empty=True), True)},
+}
+
+
+def validate(message: dict[str, Any], schema: Schema) -> str:
+    """Check a decoded map against a schema and return its op."""
+    op = message.get("op")
+    if not isinstance(op, str):
+        raise ProtocolError(ErrorCode.MALFORMED, "message must have a string 'op'")
+    fields = schema.get(op)
+    if fields is None:
+        raise ProtocolError(ErrorCode.UNKNOWN_OP, f"unknown op {op[:64]!r}")
+    for name, (check, required) in fields.items():
+        if name not in message:
+            if required:
+                raise ProtocolError(ErrorCode.BAD_FIELD, f"{op}: missing field {name!r}")
+            continue
+        problem = check(message[name])
+        if problem is not None:
+            raise ProtocolError(ErrorCode.BAD_FIELD, f"{op}: field {name!r} {problem}")
+    return op
+
+
+def validate_client(message: dict[str, Any]) -> str:
+    return validate(message, CLIENT_OPS)
+
+
+def validate_server(message: dict[str, Any]) -> str:
+    return validate(message, SERVER_OPS)
