@@ -1,0 +1,91 @@
+"""Products (the apps that use the gateway) from a TOML file.
+
+[products.demo]
+secret = "..."        # signs client tokens (HS256 JWT)
+api_key = "..."       # business servers' Bearer key for center
+webhook = "https://..."  # optional: upstream messages and online events
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("im.config")
+
+DEV_PRODUCT = "demo"
+DEV_SECRET = "dev"
+#: RFC 7518 3.2: an HS256 key must be at least as long as the hash.
+MIN_BYTES = {"secret": 32, "api_key": 16}
+CONFIG_ENV = "IM_CONFIG"
+
+
+class ConfigError(ValueError):
+    """The configuration file is missing, unreadable or has a wrong value; names the key."""
+
+
+@dataclass(frozen=True, slots=True)
+class Product:
+    name: str
+    secret: str
+    api_key: str
+    webhook: str | None = None
+
+    def __repr__(self) -> str:  # secrets never reach logs through a repr
+        return f"Product(name={self.name!r}, webhook={self.webhook!r})"
+
+
+def dev_products() -> dict[str, Product]:
+    return {DEV_PRODUCT: Product(DEV_PRODUCT, DEV_SECRET, DEV_SECRET)}
+
+
+def _product(name: str, table: Any) -> Product:
+    where = f"[products.{name}]"
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where} must be a table")
+    fields = {}
+    for key, min_bytes in MIN_BYTES.items():
+        value = table.get(key)
+        if not isinstance(value, str) or len(value.encode()) < min_bytes:
+            raise ConfigError(f"{where} {key} must be a string of at least {min_bytes} bytes")
+        fields[key] = value
+    webhook = table.get("webhook")
+    if webhook is not None and not (
+        isinstance(webhook, str) and webhook.startswith(("http://", "https://"))
+    ):
+        raise ConfigError(f"{where} webhook must be an http:// or https:// URL")
+    unknown = set(table) - {"secret", "api_key", "webhook"}
+    if unknown:
+        raise ConfigError(f"{where} has unknown keys: {', '.join(sorted(unknown))}")
+    return Product(name, fields["secret"], fields["api_key"], webhook)
+
+
+def parse_products(document: dict[str, Any]) -> dict[str, Product]:
+    products = document.get("products")
+    if not isinstance(products, dict) or not products:
+        raise ConfigError("the config needs at least one [products.NAME] table")
+    return {name: _product(name, table) for name, table in products.items()}
+
+
+def load_products(path: str | os.PathLike | None) -> dict[str, Product]:
+    """Products from `path` (or $IM_CONFIG); the development product when neither is set."""
+    path = path or os.environ.get(CONFIG_ENV)
+    if not path:
+        log.warning(
+            "NO CONFIG GIVEN: using the development product %r whose token secret and API key "
+            "are both %r. Anyone can mint tokens and push. Pass --config FILE in production.",
+            DEV_PRODUCT,
+            DEV_SECRET,
+        )
+        return dev_products()
+    try:
+        document = tomllib.loads(Path(path).read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config {path} is not valid TOML: {exc}") from None
+    return parse_products(document)
