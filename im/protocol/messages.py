@@ -92,6 +92,7 @@ CLIENT_OPS: Schema = {
         "uid": (text(128), True),
         "device": (text(128, allow_empty=True), False),
         "token": (text(4096), True),
+        "hb": (number(1, 3600), False),  # the heartbeat the client asks for; clamped
     },
     "ping": {},
     "ack": {"ids": (id_list(MAX_ACK_IDS, 64), True)},

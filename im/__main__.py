@@ -1,0 +1,5 @@
+import sys
+
+from im.cli import main
+
+sys.exit(main())

@@ -1,0 +1,77 @@
+"""The `im` command: start the whole system, run one service, or mint a client token.
+
+Service modules are imported lazily: `im/` itself depends on no service package.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+SERVICES = {
+    "room": "room.__main__",
+    "center": "center.__main__",
+    "register": "register.__main__",
+}
+
+
+def _token(argv: Sequence[str]) -> int:
+    from im.auth import issue_token
+    from im.config import ConfigError, load_products
+
+    parser = argparse.ArgumentParser(prog="im token", description="Print a client token (JWT).")
+    parser.add_argument("--product", required=True)
+    parser.add_argument("--uid", required=True)
+    parser.add_argument("--ttl", type=float, default=3600.0, help="seconds (default 3600)")
+    parser.add_argument("--config", default=None, help="products TOML (default: dev product)")
+    args = parser.parse_args(argv)
+    try:
+        products = load_products(args.config)
+    except ConfigError as exc:
+        print(f"im token: {exc}", file=sys.stderr)
+        return 2
+    product = products.get(args.product)
+    if product is None:
+        print(f"im token: unknown product {args.product!r}", file=sys.stderr)
+        return 2
+    if args.ttl <= 0:
+        print("im token: --ttl must be positive", file=sys.stderr)
+        return 2
+    print(issue_token(product, args.uid, args.ttl))
+    return 0
+
+
+def _up(argv: Sequence[str]) -> int:
+    from im.launcher import main as up
+
+    return up(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = ["up", "token", *SERVICES]
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
+        print(
+            "usage: im {up,token,room,center,register} [options]\n\n"
+            "  up        start register, center and room instances (embedded engines by default)\n"
+            "  token     print a client token for a product and uid\n"
+            "  room      run one room gateway instance\n"
+            "  center    run the business HTTP API\n"
+            "  register  run the session register\n\n"
+            "Each command takes --help.",
+            file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout,
+        )
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    command, rest = argv[0], argv[1:]
+    if command == "up":
+        return _up(rest)
+    if command == "token":
+        return _token(rest)
+    importlib.import_module(SERVICES[command]).main(rest)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

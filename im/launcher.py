@@ -1,0 +1,153 @@
+"""`im up`: every service as its own process on one machine, supervised.
+
+Each service runs exactly as it would alone on its own host (`python -m room ...`), so
+what works under `im up` works split across machines. A child that dies unexpectedly is
+restarted after a short pause; Ctrl-C or SIGTERM stops them all cleanly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+RESTART_PAUSE_S = 1.0
+STOP_GRACE_S = 10.0
+
+
+@dataclass
+class Child:
+    name: str
+    argv: list[str]
+    process: subprocess.Popen | None = None
+    restarts: int = 0
+
+    def start(self) -> None:
+        self.process = subprocess.Popen([sys.executable, "-m", *self.argv])
+
+
+def plan(args: argparse.Namespace) -> list[Child]:
+    host = args.host
+    common = ["--config", args.config] if args.config else []
+    register = [
+        "register",
+        "--host",
+        host,
+        "--port",
+        str(args.register_port),
+        "--metrics-port",
+        str(args.register_port + 1),
+    ]
+    if args.redis:
+        register += ["--redis", args.redis]
+    children = [Child("register", register)]
+    register_address = f"{host}:{args.register_port}"
+    for i in range(args.rooms):
+        children.append(
+            Child(
+                f"room-{i}",
+                [
+                    "room",
+                    "--index",
+                    str(i),
+                    "--host",
+                    host,
+                    "--register",
+                    register_address,
+                    "--idc",
+                    args.idc,
+                    *common,
+                ],
+            )
+        )
+    children.append(
+        Child(
+            "center",
+            [
+                "center",
+                "--host",
+                host,
+                "--port",
+                str(args.center_port),
+                "--register",
+                register_address,
+                *common,
+            ],
+        )
+    )
+    return children
+
+
+def banner(args: argparse.Namespace) -> str:
+    lines = [
+        f"center    http://{args.host}:{args.center_port}  (POST /v1/push/users, /metrics)",
+        f"register  {args.host}:{args.register_port} rpc, "
+        f"http://{args.host}:{args.register_port + 1}/metrics  "
+        f"({'redis ' + args.redis if args.redis else 'memory engine'})",
+    ]
+    for i in range(args.rooms):
+        ws_port, tcp_port = 8090 + 2 * i, 8091 + 2 * i
+        lines.append(f"room-{i}    ws://{args.host}:{ws_port}/ws  tcp://{args.host}:{tcp_port}")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="im up", description="Start register, center and room instances on this machine."
+    )
+    parser.add_argument("--rooms", type=int, default=1, help="room instances (default 1)")
+    parser.add_argument("--redis", default=None, help="redis:// URL for the register")
+    parser.add_argument("--config", default=os.environ.get("IM_CONFIG"), help="products TOML")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--center-port", type=int, default=8080)
+    parser.add_argument("--register-port", type=int, default=8070)
+    parser.add_argument("--idc", default="default")
+    args = parser.parse_args(argv)
+    if args.rooms < 1:
+        parser.error("--rooms must be at least 1")
+
+    children = plan(args)
+    stopping = False
+
+    def stop(signum, frame) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    for child in children:
+        child.start()
+        if child.name == "register":
+            time.sleep(0.3)  # rooms connect to it at once; spare them a failed first call
+    print(banner(args), flush=True)
+
+    while not stopping:
+        time.sleep(0.2)
+        for child in children:
+            if child.process is not None and child.process.poll() is not None and not stopping:
+                print(
+                    f"im up: {child.name} exited with {child.process.returncode}; restarting",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                time.sleep(RESTART_PAUSE_S)
+                child.restarts += 1
+                child.start()
+
+    for child in reversed(children):
+        if child.process and child.process.poll() is None:
+            child.process.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + STOP_GRACE_S
+    for child in reversed(children):
+        if child.process is None:
+            continue
+        try:
+            child.process.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            child.process.kill()
+    return 0

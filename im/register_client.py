@@ -1,0 +1,46 @@
+"""The register service's SessionStore, reached over the internal RPC.
+
+Room instances and center hold one of these; the register process holds the engine.
+Each method is one RPC whatever the batch size, so callers batch and this stays thin.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from im.rpc import RpcClient
+from im.sessions import Node, Session
+
+NAME = "register"
+
+
+class RegisterClient:
+    def __init__(self, address: str, *, timeout: float = 2.0) -> None:
+        self.address = address
+        self._rpc = RpcClient(address, timeout=timeout, name=NAME)
+
+    async def put_sessions(self, sessions: Sequence[Session], ttl: float) -> None:
+        if sessions:
+            await self._rpc.call("sessions.put", [[s.to_wire() for s in sessions], ttl])
+
+    async def remove_sessions(self, sessions: Sequence[Session]) -> None:
+        if sessions:
+            await self._rpc.call("sessions.remove", [s.to_wire() for s in sessions])
+
+    async def lookup(self, product: str, uids: Sequence[str]) -> dict[str, list[Session]]:
+        if not uids:
+            return {}
+        found = await self._rpc.call("sessions.lookup", [product, list(uids)])
+        return {uid: [Session.from_wire(s) for s in rows] for uid, rows in found.items()}
+
+    async def put_node(self, node: Node, ttl: float) -> None:
+        await self._rpc.call("nodes.put", [node.to_wire(), ttl])
+
+    async def remove_node(self, instance: str) -> None:
+        await self._rpc.call("nodes.remove", instance)
+
+    async def nodes(self) -> list[Node]:
+        return [Node.from_wire(n) for n in await self._rpc.call("nodes.list")]
+
+    async def close(self) -> None:
+        await self._rpc.close()

@@ -1,0 +1,1 @@
+"""The register service: the global session store and node table, memory or Redis backed."""

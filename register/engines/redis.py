@@ -1,0 +1,179 @@
+"""The Redis engine: one hash per user, laid out so Redis Cluster keeps each user in one slot.
+
+A user's sessions live in `<prefix>:s:{<product>:<uid>}`, field conn -> msgpack
+[expiry_ms, instance, device]. Redis 7.0 has no per-field expiry, so the expiry rides in
+the value, reads filter on it and delete what has expired, and the key's own TTL follows
+the longest lease so an abandoned user disappears whole. Expiries are taken from the Redis
+server clock inside the scripts, so every writer and reader agrees on them.
+
+Batches cost one round trip: one pipeline of single-key commands, never a script over
+several users (their keys sit in different cluster slots). A call whose pooled connection
+turns out dead (Redis restarted) is sent once more on a new one; other Redis errors, and a
+Redis that stays down, propagate to the caller.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import msgpack
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import NoScriptError
+
+from im.sessions import Node, Session
+
+# ARGV: ttl_ms, width, then groups of (field, width values); each value becomes the msgpack
+# array [expiry_ms, values...]. The key's TTL is raised to the lease, never lowered.
+_PUT = """
+local t = redis.call('TIME')
+local ttl = tonumber(ARGV[1])
+local width = tonumber(ARGV[2])
+local expiry = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + ttl
+for i = 3, #ARGV, width + 1 do
+  local value = {expiry}
+  for j = 1, width do value[j + 1] = ARGV[i + j] end
+  redis.call('HSET', KEYS[1], ARGV[i], cmsgpack.pack(value))
+end
+if redis.call('PTTL', KEYS[1]) < ttl then redis.call('PEXPIRE', KEYS[1], ttl) end
+return 0
+"""
+
+# Returns the live fields as a flat [field, value, ...] list and deletes the expired ones.
+_READ = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local all = redis.call('HGETALL', KEYS[1])
+local live = {}
+for i = 1, #all, 2 do
+  if cmsgpack.unpack(all[i + 1])[1] > now then
+    live[#live + 1] = all[i]
+    live[#live + 1] = all[i + 1]
+  else
+    redis.call('HDEL', KEYS[1], all[i])
+  end
+end
+return live
+"""
+
+
+class _Script(NamedTuple):
+    source: str
+    sha: str
+
+
+def _script(source: str) -> _Script:
+    return _Script(source, hashlib.sha1(source.encode()).hexdigest())
+
+
+_PUT_SCRIPT = _script(_PUT)
+_READ_SCRIPT = _script(_READ)
+
+_Call = tuple[_Script, str, Sequence[str | int]]
+
+
+def _escape(part: str) -> str:
+    """Percent-escape the characters that delimit a key, so distinct (product, uid) pairs
+    never share a key and the hash tag always spans the whole user."""
+    return part.replace("%", "%25").replace(":", "%3A").replace("{", "%7B").replace("}", "%7D")
+
+
+def _ttl_ms(ttl: float) -> int:
+    if not 0 < ttl < math.inf:
+        raise ValueError(f"ttl must be a positive finite number of seconds, got {ttl!r}")
+    return max(1, round(ttl * 1000))
+
+
+def _pairs(flat: list[bytes]) -> list[tuple[str, list]]:
+    """Field name and decoded [expiry_ms, values...] of each live field of a read."""
+    return [
+        (flat[i].decode(), msgpack.unpackb(flat[i + 1], raw=False)) for i in range(0, len(flat), 2)
+    ]
+
+
+class RedisStore:
+    """`SessionStore` on Redis (standalone, or Cluster-ready key layout)."""
+
+    def __init__(self, url: str, *, prefix: str = "im") -> None:
+        self._redis = aioredis.Redis.from_url(url, retry=Retry(NoBackoff(), 1))
+        self._prefix = prefix
+        self._nodes_key = f"{prefix}:nodes"
+
+    def user_key(self, product: str, uid: str) -> str:
+        return f"{self._prefix}:s:{{{_escape(product)}:{_escape(uid)}}}"
+
+    async def put_sessions(self, sessions: Sequence[Session], ttl: float) -> None:
+        ttl_ms = _ttl_ms(ttl)
+        args: dict[str, list[str | int]] = defaultdict(lambda: [ttl_ms, 2])
+        for s in sessions:
+            args[self.user_key(s.product, s.uid)].extend((s.conn, s.instance, s.device))
+        await self._eval_many([(_PUT_SCRIPT, key, key_args) for key, key_args in args.items()])
+
+    async def remove_sessions(self, sessions: Sequence[Session]) -> None:
+        conns: dict[str, list[str]] = defaultdict(list)
+        for s in sessions:
+            conns[self.user_key(s.product, s.uid)].append(s.conn)
+        if not conns:
+            return
+        pipe = self._redis.pipeline(transaction=False)
+        for key, names in conns.items():
+            pipe.hdel(key, *names)
+        await pipe.execute()
+
+    async def lookup(self, product: str, uids: Sequence[str]) -> dict[str, list[Session]]:
+        unique = list(dict.fromkeys(uids))
+        reads = await self._eval_many(
+            [(_READ_SCRIPT, self.user_key(product, uid), ()) for uid in unique]
+        )
+        found: dict[str, list[Session]] = {}
+        for uid, flat in zip(unique, reads, strict=True):
+            if flat:
+                found[uid] = [
+                    Session(product, uid, conn, instance, device)
+                    for conn, (_, instance, device) in _pairs(flat)
+                ]
+        return found
+
+    async def put_node(self, node: Node, ttl: float) -> None:
+        wire = node.to_wire()
+        args = [_ttl_ms(ttl), len(wire) - 1, *wire]
+        await self._eval_many([(_PUT_SCRIPT, self._nodes_key, args)])
+
+    async def remove_node(self, instance: str) -> None:
+        await self._redis.hdel(self._nodes_key, instance)
+
+    async def nodes(self) -> list[Node]:
+        (flat,) = await self._eval_many([(_READ_SCRIPT, self._nodes_key, ())])
+        return [Node.from_wire([instance, *fields]) for instance, (_, *fields) in _pairs(flat)]
+
+    async def close(self) -> None:
+        await self._redis.aclose()
+
+    async def _eval_many(self, calls: list[_Call]) -> list:
+        """Run the calls in one pipeline; after a server restart emptied the script cache,
+        load the scripts and rerun the calls that missed them."""
+        if not calls:
+            return []
+        results = await self._send(calls)
+        missing = [i for i, result in enumerate(results) if isinstance(result, NoScriptError)]
+        if missing:
+            for script in {calls[i][0] for i in missing}:
+                await self._redis.script_load(script.source)
+            retried = await self._send([calls[i] for i in missing])
+            for i, result in zip(missing, retried, strict=True):
+                results[i] = result
+        for result in results:
+            if isinstance(result, Exception):
+                raise result
+        return results
+
+    async def _send(self, calls: list[_Call]) -> list:
+        pipe = self._redis.pipeline(transaction=False)
+        for script, key, args in calls:
+            pipe.evalsha(script.sha, 1, key, *args)
+        return await pipe.execute(raise_on_error=False)

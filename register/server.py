@@ -1,0 +1,99 @@
+"""The register service: one SessionStore engine served over the internal RPC."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from aiohttp import web
+
+from im.metrics import CONTENT_TYPE_LATEST, exposition
+from im.rpc import RpcError, RpcServer
+from im.sessions import Node, Session, SessionStore
+from register.config import RegisterConfig
+
+log = logging.getLogger("im.register")
+
+
+def _sessions(rows: Any) -> list[Session]:
+    try:
+        return [Session.from_wire(row) for row in rows]
+    except (TypeError, ValueError):
+        raise RpcError(
+            "bad_request", "sessions must be [product, uid, conn, instance, device]"
+        ) from None
+
+
+class RegisterServer:
+    def __init__(self, config: RegisterConfig, store: SessionStore) -> None:
+        self.config = config
+        self.store = store
+        self.rpc = RpcServer(
+            {
+                "sessions.put": self._put,
+                "sessions.remove": self._remove,
+                "sessions.lookup": self._lookup,
+                "nodes.put": self._put_node,
+                "nodes.remove": self._remove_node,
+                "nodes.list": self._nodes,
+            },
+            name="register",
+        )
+        self._http: web.AppRunner | None = None
+
+    async def start(self) -> None:
+        await self.rpc.start(self.config.host, self.config.port)
+        app = web.Application()
+        app.router.add_get("/metrics", _metrics)
+        app.router.add_get("/healthz", self._healthz)
+        self._http = web.AppRunner(app, access_log=None)
+        await self._http.setup()
+        await web.TCPSite(self._http, self.config.host, self.config.metrics_port).start()
+        log.info(
+            "register: rpc %s, metrics http://%s:%d/metrics, engine %s",
+            self.rpc.address,
+            self.config.host,
+            self.config.metrics_port,
+            type(self.store).__name__,
+        )
+
+    async def close(self) -> None:
+        await self.rpc.close()
+        if self._http is not None:
+            await self._http.cleanup()
+        await self.store.close()
+
+    async def _put(self, params: Any) -> None:
+        rows, ttl = params
+        await self.store.put_sessions(_sessions(rows), float(ttl))
+
+    async def _remove(self, params: Any) -> None:
+        await self.store.remove_sessions(_sessions(params))
+
+    async def _lookup(self, params: Any) -> dict[str, list[list[str]]]:
+        product, uids = params
+        found = await self.store.lookup(product, uids)
+        return {uid: [s.to_wire() for s in rows] for uid, rows in found.items()}
+
+    async def _put_node(self, params: Any) -> None:
+        fields, ttl = params
+        await self.store.put_node(Node.from_wire(fields), float(ttl))
+
+    async def _remove_node(self, params: Any) -> None:
+        await self.store.remove_node(str(params))
+
+    async def _nodes(self, params: Any) -> list[list]:
+        return [node.to_wire() for node in await self.store.nodes()]
+
+    async def _healthz(self, request: web.Request) -> web.Response:
+        try:
+            await self.store.nodes()
+        except Exception as exc:  # the engine's own error type varies (redis, ...)
+            return web.json_response(
+                {"error": {"code": "unavailable", "message": f"store: {exc}"}}, status=503
+            )
+        return web.json_response({"status": "ok", "engine": type(self.store).__name__})
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    return web.Response(body=exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -1,0 +1,30 @@
+"""`python -m room` / `im room`: one gateway instance (run one per core)."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+
+from im.config import load_products
+from im.register_client import RegisterClient
+from im.service import run
+from room.config import add_arguments, from_args
+from room.server import RoomServer
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="im room", description=__doc__)
+    add_arguments(parser)
+    config = from_args(parser.parse_args(argv))
+    products = load_products(config.config)
+
+    async def start() -> RoomServer:
+        server = RoomServer(config, products, RegisterClient(config.register), owns_store=True)
+        await server.start()
+        return server
+
+    run(start)
+
+
+if __name__ == "__main__":
+    main()

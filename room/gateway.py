@@ -1,0 +1,360 @@
+"""The logic of one room instance: auth, heartbeats, the flush tick, pushes, sessions.
+
+Connections (room.connection) call into the gateway with decoded maps; the gateway never
+touches sockets except through a connection's queue and flush.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import orjson
+
+from im.auth import AuthFailure, verify_token
+from im.config import Product
+from im.metrics import CONTENT_TYPE_LATEST, exposition
+from im.protocol import websocket as ws
+from im.protocol.codec import Encoding, encode
+from im.protocol.errors import ErrorCode, ProtocolError
+from im.protocol.framing import frame
+from im.protocol.messages import PRIORITY_INDEX, validate_client, validate_server
+from im.protocol.ws_handshake import http_response
+from im.rpc import RpcError
+from im.sessions import Node, Session, SessionStore
+from room.config import RoomConfig
+from room.connection import (
+    AUTH_WAIT,
+    AUTHING,
+    CLOSED,
+    ONLINE,
+    OPENING,
+    TCP,
+    WS_JSON,
+    WS_MSGPACK,
+    Connection,
+)
+from room.deadlines import DeadlineWheel
+from room.queues import Outcome
+from room.stats import RoomStats
+
+log = logging.getLogger("im.room")
+
+_ENCODERS = {
+    TCP: lambda m: frame(encode(m, Encoding.MSGPACK)),
+    WS_MSGPACK: lambda m: ws.binary_frame(encode(m, Encoding.MSGPACK)),
+    WS_JSON: lambda m: ws.text_frame(encode(m, Encoding.JSON)),
+}
+_STATE_NAMES = {OPENING: "handshake", AUTH_WAIT: "auth_wait", AUTHING: "authing", ONLINE: "online"}
+
+
+class Gateway:
+    def __init__(
+        self,
+        config: RoomConfig,
+        products: Mapping[str, Product],
+        store: SessionStore,
+        instance: str | None = None,
+    ) -> None:
+        self.config = config
+        self.products = products
+        self.store = store
+        self.instance = instance or f"r{config.index}-{os.urandom(3).hex()}"
+        self.stats = RoomStats()
+        self.conns: dict[str, Connection] = {}  # online, by connection id
+        self.all: set[Connection] = set()
+        self.wheel = DeadlineWheel(1.0)
+        self.node = Node(self.instance, rpc="")
+        self.accepting = True
+        self._dirty: list[Connection] = []
+        self._flush_handle: asyncio.Handle | None = None
+        self._seq = 0
+        self._to_register: list[Connection] = []
+        self._to_remove: list[Session] = []
+        self._register_task: asyncio.Task | None = None
+        self._loop = asyncio.get_running_loop()
+        self._pong = {kind: enc({"op": "pong"}) for kind, enc in _ENCODERS.items()}
+
+    # -- framing -----------------------------------------------------------------------
+
+    @staticmethod
+    def encode_for(kind: str, message: dict) -> bytes:
+        return _ENCODERS[kind](message)
+
+    # -- connection lifecycle ----------------------------------------------------------
+
+    def opened(self, conn: Connection) -> None:
+        self.stats.accepted += 1
+        if not self.accepting:
+            conn.close(ErrorCode.SERVER_SHUTDOWN, "instance is shutting down")
+            return
+        self.all.add(conn)
+        conn.deadline = self._loop.time() + self.config.auth_timeout_s
+        self.wheel.add(conn)
+
+    def closed(self, conn: Connection) -> None:
+        self.all.discard(conn)
+        self.wheel.discard(conn)
+        if conn.conn_id and self.conns.get(conn.conn_id) is conn:
+            del self.conns[conn.conn_id]
+            self._to_remove.append(self._session(conn))
+            self._schedule_register()
+
+    def touch(self, conn: Connection) -> None:
+        if conn.state == ONLINE:
+            conn.deadline = self._loop.time() + conn.hb * self.config.missed_heartbeats
+
+    def protocol_error(self, conn: Connection, err: ProtocolError) -> None:
+        if err.fatal:
+            self.close(conn, err.code, err.reason)
+        elif conn.state != OPENING:
+            conn.send_now(self.encode_for(conn.kind, err.to_map()))
+
+    def close(self, conn: Connection, code: ErrorCode, reason: str) -> None:
+        if conn.state == CLOSED:
+            return
+        self.stats.closes[int(code)] += 1
+        log.debug("closing %s (%s): %d %s", conn.conn_id or "-", conn.uid or "-", code, reason)
+        conn.close(code, reason)
+
+    def sweep(self) -> None:
+        """Close connections past their auth deadline or silent for too many heartbeats."""
+        for conn in self.wheel.expire(self._loop.time()):
+            if conn.state == ONLINE:
+                self.close(conn, ErrorCode.HEARTBEAT_TIMEOUT, "no heartbeat")
+            else:
+                self.close(conn, ErrorCode.AUTH_TIMEOUT, "no authentication within the deadline")
+
+    # -- inbound -----------------------------------------------------------------------
+
+    def handle(self, conn: Connection, message: dict[str, Any]) -> None:
+        self.stats.frames_in += 1
+        try:
+            op = validate_client(message)
+        except ProtocolError as err:
+            self.protocol_error(conn, err)
+            return
+        if op == "ping":
+            self.touch(conn)
+            conn.send_now(self._pong[conn.kind])
+        elif conn.state == ONLINE:
+            conn.deadline = self._loop.time() + conn.hb * self.config.missed_heartbeats
+            if op == "ack":
+                self.stats.acks += len(message["ids"])
+            else:  # auth
+                self.protocol_error(
+                    conn, ProtocolError(ErrorCode.ALREADY_AUTHENTICATED, "already authenticated")
+                )
+        elif op == "auth":
+            if conn.state == AUTH_WAIT:
+                self._authenticate(conn, message)
+            else:
+                self.protocol_error(
+                    conn, ProtocolError(ErrorCode.ALREADY_AUTHENTICATED, "auth already sent")
+                )
+        else:
+            self.protocol_error(
+                conn, ProtocolError(ErrorCode.NOT_AUTHENTICATED, f"{op} before auth")
+            )
+
+    def _authenticate(self, conn: Connection, message: dict[str, Any]) -> None:
+        try:
+            verify_token(self.products, message["product"], message["uid"], message["token"])
+        except AuthFailure as failure:
+            self.stats.auth_failed += 1
+            self.close(conn, ErrorCode.AUTH_FAILED, str(failure))
+            return
+        self._seq += 1
+        conn.conn_id = f"{self.instance}.{self._seq:x}"
+        conn.product = message["product"]
+        conn.uid = message["uid"]
+        conn.device = message.get("device", "")
+        conn.hb = self.config.clamp_heartbeat(message.get("hb"))
+        conn.state = AUTHING
+        self._to_register.append(conn)
+        self._schedule_register()
+
+    def _session(self, conn: Connection) -> Session:
+        return Session(conn.product, conn.uid, conn.conn_id, self.instance, conn.device)
+
+    # -- register batching -------------------------------------------------------------
+
+    def _schedule_register(self) -> None:
+        if self._register_task is None or self._register_task.done():
+            self._register_task = self._loop.create_task(self._register_batches())
+
+    async def _register_batches(self) -> None:
+        """One task drains every pending registration and removal, in batches."""
+        batch_size = self.config.register_batch
+        while self._to_register or self._to_remove:
+            if self._to_remove:
+                batch, self._to_remove = (
+                    self._to_remove[:batch_size],
+                    self._to_remove[batch_size:],
+                )
+                await self._store_call(self.store.remove_sessions(batch), "remove")
+                continue
+            conns, self._to_register = (
+                self._to_register[:batch_size],
+                self._to_register[batch_size:],
+            )
+            live = [c for c in conns if c.state == AUTHING]
+            for conn in live:
+                self.conns[conn.conn_id] = conn
+            # A failed put is retried by the next renewal, which re-sends every session:
+            # a register outage must not cost clients their connections.
+            await self._store_call(
+                self.store.put_sessions(
+                    [self._session(c) for c in live], self.config.session_ttl_s
+                ),
+                "put",
+            )
+            now = self._loop.time()
+            for conn in live:
+                if conn.state != AUTHING:
+                    continue
+                conn.state = ONLINE
+                conn.deadline = now + conn.hb * self.config.missed_heartbeats
+                self.stats.auth_ok += 1
+                conn.send_now(
+                    self.encode_for(
+                        conn.kind, {"op": "auth_ok", "conn": conn.conn_id, "hb": conn.hb}
+                    )
+                )
+
+    async def _store_call(self, call: Any, what: str) -> bool:
+        try:
+            await call
+            return True
+        except (TimeoutError, RpcError, OSError) as exc:
+            self.stats.register_errors += 1
+            log.warning("register %s failed: %s", what, exc)
+            return False
+
+    async def renew(self) -> None:
+        """Re-send every session and the node lease; also refills a register that lost them."""
+        sessions = [self._session(c) for c in list(self.conns.values())]
+        size = self.config.register_batch
+        for i in range(0, len(sessions), size):
+            await self._store_call(
+                self.store.put_sessions(sessions[i : i + size], self.config.session_ttl_s), "renew"
+            )
+
+    async def renew_node(self) -> None:
+        node = Node(
+            self.instance,
+            rpc=self.node.rpc,
+            ws=self.node.ws,
+            tcp=self.node.tcp,
+            idc=self.config.idc,
+            conns=len(self.conns),
+        )
+        await self._store_call(self.store.put_node(node, self.config.node_ttl_s), "node")
+
+    # -- outbound ----------------------------------------------------------------------
+
+    def mark_dirty(self, conn: Connection) -> None:
+        conn.dirty = True
+        self._dirty.append(conn)
+        if self._flush_handle is None:
+            delay = self.config.flush_interval_ms / 1000
+            if delay:
+                self._flush_handle = self._loop.call_later(delay, self._flush)
+            else:
+                self._flush_handle = self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_handle = None
+        dirty, self._dirty = self._dirty, []
+        for conn in dirty:
+            if conn.dirty:
+                conn.flush()
+
+    def deliver(self, conn_ids: list[str], message: dict[str, Any]) -> tuple[int, list[str]]:
+        """Queue one push for connections of this instance; encoded once per wire kind."""
+        priority = PRIORITY_INDEX[message["pri"]]
+        encoded: dict[str, bytes] = {}
+        written = 0
+        missing: list[str] = []
+        for conn_id in conn_ids:
+            conn = self.conns.get(conn_id)
+            if conn is None or conn.state != ONLINE:
+                missing.append(conn_id)
+                continue
+            data = encoded.get(conn.kind)
+            if data is None:
+                data = encoded[conn.kind] = self.encode_for(conn.kind, message)
+            outcome = conn.enqueue(priority, data)
+            if outcome is Outcome.QUEUED:
+                written += 1
+            elif outcome is Outcome.QUEUED_DROPPED_OLDER:
+                written += 1
+                self.stats.drops["queue_full_evicted"] += 1
+            elif outcome is Outcome.DROPPED:
+                self.stats.drops["queue_full"] += 1
+            else:
+                self.stats.drops["slow_consumer"] += 1
+                self.close(conn, ErrorCode.SLOW_CONSUMER, "high-priority queue overflowed")
+        self.stats.pushes += written
+        return written, missing
+
+    async def rpc_push(self, params: Any) -> dict[str, Any]:
+        """RPC `push`: {"items": [{"conns": [...], "msg": {...}}]} -> written, missing."""
+        if not isinstance(params, dict) or not isinstance(params.get("items"), list):
+            raise RpcError("bad_request", "push needs {'items': [...]}")
+        written = 0
+        missing: list[str] = []
+        for item in params["items"]:
+            if not isinstance(item, dict) or not isinstance(item.get("conns"), list):
+                raise RpcError("bad_request", "each item needs 'conns' and 'msg'")
+            message = item.get("msg")
+            try:
+                if not isinstance(message, dict) or validate_server(message) != "push":
+                    raise RpcError("bad_request", "msg must be a push map")
+            except ProtocolError as err:
+                raise RpcError("bad_request", err.reason) from None
+            n, lost = self.deliver(item["conns"], message)
+            written += n
+            missing.extend(lost)
+        return {"written": written, "missing": missing}
+
+    # -- HTTP on the WebSocket port ----------------------------------------------------
+
+    def connection_counts(self) -> dict[str, int]:
+        counts = dict.fromkeys(_STATE_NAMES.values(), 0)
+        for conn in self.all:
+            name = _STATE_NAMES.get(conn.state)
+            if name:
+                counts[name] += 1
+        return counts
+
+    def queued(self) -> int:
+        return sum(len(c.queue) for c in self.all if c.queue)
+
+    def http(self, method: str, path: str) -> bytes:
+        if method != "GET":
+            return _json_error(405, "method_not_allowed", "only GET is served here")
+        if path == "/metrics":
+            return http_response(200, exposition(), CONTENT_TYPE_LATEST)
+        if path == "/healthz":
+            body = {
+                "status": "ok" if self.accepting else "draining",
+                "instance": self.instance,
+                "connections": len(self.conns),
+            }
+            return http_response(200, orjson.dumps(body), "application/json")
+        return _json_error(404, "not_found", f"no route for {path[:100]}")
+
+    def shutdown(self) -> None:
+        """Stop accepting and tell every client to reconnect elsewhere."""
+        self.accepting = False
+        for conn in list(self.all):
+            self.close(conn, ErrorCode.SERVER_SHUTDOWN, "instance is shutting down")
+
+
+def _json_error(status: int, code: str, message: str) -> bytes:
+    body = orjson.dumps({"error": {"code": code, "message": message}})
+    return http_response(status, body, "application/json")

@@ -1,0 +1,119 @@
+"""A room instance's I/O edge: listeners, the RPC endpoint and the periodic loops."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from collections.abc import Mapping
+
+from im.config import Product
+from im.rpc import RpcServer
+from im.sessions import Node, SessionStore
+from room import stats
+from room.config import RoomConfig
+from room.connection import TcpConnection, WsConnection
+from room.gateway import Gateway
+
+log = logging.getLogger("im.room")
+
+BACKLOG = 4096
+
+
+class RoomServer:
+    def __init__(
+        self,
+        config: RoomConfig,
+        products: Mapping[str, Product],
+        store: SessionStore,
+        *,
+        owns_store: bool = False,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.owns_store = owns_store
+        self.gateway = Gateway(config, products, store)
+        self.rpc = RpcServer({"push": self.gateway.rpc_push}, name="room")
+        self._servers: list[asyncio.Server] = []
+        self._loops: list[asyncio.Task] = []
+        self.ws_address = ""
+        self.tcp_address = ""
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        cfg = self.config
+        gateway = self.gateway
+        ws_server = await loop.create_server(
+            lambda: WsConnection(gateway), cfg.host, cfg.ws_port, backlog=BACKLOG, reuse_port=True
+        )
+        tcp_server = await loop.create_server(
+            lambda: TcpConnection(gateway), cfg.host, cfg.tcp_port, backlog=BACKLOG, reuse_port=True
+        )
+        self._servers = [ws_server, tcp_server]
+        ws_port = _bound_port(ws_server)
+        tcp_port = _bound_port(tcp_server)
+        _, rpc_port = await self.rpc.start(cfg.host, cfg.rpc_port or 0)
+        public = cfg.advertise_host or cfg.host
+        self.ws_address = f"ws://{public}:{ws_port}{cfg.ws_path}"
+        self.tcp_address = f"{public}:{tcp_port}"
+        gateway.node = Node(
+            gateway.instance,
+            rpc=f"{public}:{rpc_port}",
+            ws=self.ws_address,
+            tcp=self.tcp_address,
+            idc=cfg.idc,
+        )
+        stats.track(gateway)
+        await gateway.renew_node()
+        self._loops = [
+            asyncio.create_task(self._every(1.0, gateway.sweep)),
+            asyncio.create_task(self._every_async(cfg.session_ttl_s / 3, gateway.renew)),
+            asyncio.create_task(self._every_async(cfg.node_ttl_s / 3, gateway.renew_node)),
+        ]
+        log.info(
+            "room %s: websocket %s, tcp %s, rpc %s",
+            gateway.instance,
+            self.ws_address,
+            self.tcp_address,
+            gateway.node.rpc,
+        )
+
+    @staticmethod
+    async def _every(interval: float, fn) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                fn()
+            except Exception:
+                log.exception("periodic %s failed", getattr(fn, "__name__", fn))
+
+    @staticmethod
+    async def _every_async(interval: float, fn) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await fn()
+            except Exception:
+                log.exception("periodic %s failed", getattr(fn, "__name__", fn))
+
+    async def close(self) -> None:
+        for server in self._servers:
+            server.close()
+        for task in self._loops:
+            task.cancel()
+        self.gateway.shutdown()
+        with contextlib.suppress(Exception):
+            await self.store.remove_node(self.gateway.instance)
+        await self.rpc.close()
+        for server in self._servers:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(server.wait_closed(), 2.0)
+        stats.untrack(self.gateway)
+        if self.owns_store:
+            await self.store.close()
+
+
+def _bound_port(server: asyncio.Server) -> int:
+    sock: socket.socket = server.sockets[0]
+    return sock.getsockname()[1]

@@ -1,0 +1,106 @@
+"""Counters of the room instances in this process, kept as plain integers on the hot path
+and turned into Prometheus families only when /metrics is scraped."""
+
+from __future__ import annotations
+
+import weakref
+from collections import Counter
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from im.metrics import ScrapeCollector
+
+if TYPE_CHECKING:
+    from room.gateway import Gateway
+
+
+class RoomStats:
+    __slots__ = (
+        "accepted",
+        "auth_ok",
+        "auth_failed",
+        "frames_in",
+        "frames_out",
+        "pushes",
+        "acks",
+        "drops",
+        "closes",
+        "register_errors",
+    )
+
+    def __init__(self) -> None:
+        self.accepted = 0
+        self.auth_ok = 0
+        self.auth_failed = 0
+        self.frames_in = 0
+        self.frames_out = 0
+        self.pushes = 0
+        self.acks = 0
+        self.drops: Counter[str] = Counter()  # by reason
+        self.closes: Counter[int] = Counter()  # by close code
+        self.register_errors = 0
+
+
+_COUNTERS = (
+    ("accepted", "accepted_connections", "Connections accepted"),
+    ("auth_ok", "auth_ok", "Successful authentications"),
+    ("auth_failed", "auth_failed", "Refused authentications"),
+    ("frames_in", "frames_in", "Frames received from clients"),
+    ("frames_out", "frames_out", "Frames written to clients"),
+    ("pushes", "pushes", "Push frames queued for clients"),
+    ("acks", "acks", "Message ids acknowledged by clients"),
+    ("register_errors", "register_errors", "Failed register calls"),
+)
+
+_gateways: weakref.WeakSet[Gateway] = weakref.WeakSet()
+_collector: ScrapeCollector | None = None
+
+
+def track(gateway: Gateway) -> None:
+    """Expose a gateway's counters; one collector serves every instance in the process."""
+    global _collector
+    _gateways.add(gateway)
+    if _collector is None:
+        _collector = ScrapeCollector(_families)
+
+
+def untrack(gateway: Gateway) -> None:
+    _gateways.discard(gateway)
+
+
+def _families() -> Iterable[Metric]:
+    gateways = sorted(_gateways, key=lambda g: g.instance)
+    conns = GaugeMetricFamily(
+        "im_room_connections", "Open connections by state", labels=["instance", "state"]
+    )
+    queued = GaugeMetricFamily(
+        "im_room_queued_frames", "Frames waiting in connection queues", labels=["instance"]
+    )
+    counters = {
+        attr: CounterMetricFamily(f"im_room_{name}", doc, labels=["instance"])
+        for attr, name, doc in _COUNTERS
+    }
+    drops = CounterMetricFamily(
+        "im_room_drops", "Frames dropped, by reason", labels=["instance", "reason"]
+    )
+    closes = CounterMetricFamily(
+        "im_room_closes", "Connections closed by the server, by code", labels=["instance", "code"]
+    )
+    for gateway in gateways:
+        name, stats = gateway.instance, gateway.stats
+        for state, count in gateway.connection_counts().items():
+            conns.add_metric([name, state], count)
+        queued.add_metric([name], gateway.queued())
+        for attr, family in counters.items():
+            family.add_metric([name], getattr(stats, attr))
+        for reason, count in stats.drops.items():
+            drops.add_metric([name, reason], count)
+        for code, count in stats.closes.items():
+            closes.add_metric([name, str(code)], count)
+    yield conns
+    yield queued
+    yield from counters.values()
+    yield drops
+    yield closes

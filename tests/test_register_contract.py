@@ -1,0 +1,259 @@
+"""One contract for every SessionStore engine, plus what only the Redis layout promises."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+
+import pytest
+import redis.asyncio as aioredis
+
+from im.sessions import Node, Session, SessionStore
+from register.engines.memory import MemoryStore
+from register.engines.redis import RedisStore
+
+
+@asynccontextmanager
+async def _memory(request: pytest.FixtureRequest) -> AsyncIterator[SessionStore]:
+    store = MemoryStore()
+    yield store
+    await store.close()
+
+
+@asynccontextmanager
+async def _redis(request: pytest.FixtureRequest) -> AsyncIterator[SessionStore]:
+    store = RedisStore(request.getfixturevalue("redis_url"))
+    yield store
+    await store.close()
+
+
+# One entry per engine: each opens a fresh, empty store and cleans up after it.
+ENGINES: dict[str, Callable[[pytest.FixtureRequest], AbstractAsyncContextManager[SessionStore]]]
+ENGINES = {"memory": _memory, "redis": _redis}
+
+TTL = 30.0
+
+
+@pytest.fixture(params=list(ENGINES))
+async def store(request: pytest.FixtureRequest) -> AsyncIterator[SessionStore]:
+    async with ENGINES[request.param](request) as opened:
+        yield opened
+
+
+def _conns(found: dict[str, list[Session]], uid: str) -> set[str]:
+    return {s.conn for s in found.get(uid, [])}
+
+
+async def test_put_then_lookup(store: SessionStore) -> None:
+    session = Session("chat", "u1", "c1", "room-1", "ios")
+    await store.put_sessions([session], TTL)
+    assert await store.lookup("chat", ["u1"]) == {"u1": [session]}
+
+
+async def test_several_conns_and_devices_per_user(store: SessionStore) -> None:
+    sessions = [
+        Session("chat", "u1", "c1", "room-1", "ios"),
+        Session("chat", "u1", "c2", "room-2", "android"),
+        Session("chat", "u1", "c3", "room-1", "web"),
+    ]
+    await store.put_sessions(sessions, TTL)
+    found = await store.lookup("chat", ["u1"])
+    assert sorted(found["u1"], key=lambda s: s.conn) == sessions
+
+
+async def test_lookup_many_uids_leaves_out_unknown_ones(store: SessionStore) -> None:
+    sessions = [Session("chat", f"u{i}", f"c{i}", f"room-{i % 4}", "") for i in range(1000)]
+    await store.put_sessions(sessions, TTL)
+    uids = [f"u{i}" for i in range(2000)]
+    found = await store.lookup("chat", uids)
+    assert len(found) == 1000
+    assert all(found[s.uid] == [s] for s in sessions)
+    assert "u1000" not in found
+
+
+async def test_lookup_of_nothing(store: SessionStore) -> None:
+    assert await store.lookup("chat", []) == {}
+    assert await store.lookup("chat", ["nobody", "nobody"]) == {}
+
+
+async def test_remove_only_the_named_conn(store: SessionStore) -> None:
+    keep = Session("chat", "u1", "c1", "room-1", "ios")
+    drop = Session("chat", "u1", "c2", "room-1", "web")
+    other = Session("chat", "u2", "c2", "room-1", "web")
+    await store.put_sessions([keep, drop, other], TTL)
+    await store.remove_sessions([drop, Session("chat", "u3", "c9", "room-1")])
+    found = await store.lookup("chat", ["u1", "u2"])
+    assert found == {"u1": [keep], "u2": [other]}
+    await store.remove_sessions([keep])
+    assert await store.lookup("chat", ["u1"]) == {}
+
+
+async def test_renew_extends_the_lease(store: SessionStore) -> None:
+    renewed = Session("chat", "u1", "c1", "room-1")
+    lapsed = Session("chat", "u1", "c2", "room-1")
+    await store.put_sessions([renewed, lapsed], 0.4)
+    await asyncio.sleep(0.25)
+    await store.put_sessions([renewed], 0.4)
+    await asyncio.sleep(0.25)
+    assert await store.lookup("chat", ["u1"]) == {"u1": [renewed]}
+
+
+async def test_expired_sessions_and_nodes_are_invisible(store: SessionStore) -> None:
+    await store.put_sessions([Session("chat", "u1", "c1", "room-1")], 0.2)
+    await store.put_node(Node("room-1", "127.0.0.1:7001"), 0.2)
+    assert _conns(await store.lookup("chat", ["u1"]), "u1") == {"c1"}
+    assert [n.instance for n in await store.nodes()] == ["room-1"]
+    await asyncio.sleep(0.3)
+    assert await store.lookup("chat", ["u1"]) == {}
+    assert await store.nodes() == []
+
+
+async def test_products_are_separate(store: SessionStore) -> None:
+    chat = Session("chat", "u1", "c1", "room-1")
+    live = Session("live", "u1", "c2", "room-2")
+    await store.put_sessions([chat, live], TTL)
+    assert await store.lookup("chat", ["u1"]) == {"u1": [chat]}
+    assert await store.lookup("live", ["u1"]) == {"u1": [live]}
+    assert await store.lookup("shop", ["u1"]) == {}
+
+
+async def test_node_table(store: SessionStore) -> None:
+    one = Node("room-1", "127.0.0.1:7001", "ws://127.0.0.1:8001/ws", "127.0.0.1:9001", "bj", 3)
+    two = Node("room-2", "127.0.0.1:7002", idc="sh")
+    await store.put_node(one, TTL)
+    await store.put_node(two, 0.3)
+    assert sorted(await store.nodes(), key=lambda n: n.instance) == [one, two]
+
+    busier = Node("room-1", one.rpc, one.ws, one.tcp, one.idc, 250)
+    await store.put_node(busier, TTL)
+    await store.put_node(two, TTL)  # renewal outlives the first 0.3 s lease
+    await asyncio.sleep(0.35)
+    assert sorted(await store.nodes(), key=lambda n: n.instance) == [busier, two]
+
+    await store.remove_node("room-1")
+    await store.remove_node("room-9")
+    assert await store.nodes() == [two]
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [
+        (("a:b", "c"), ("a", "b:c")),
+        (("{a", "b}"), ("{a:b}", "")),
+        (("a}", ":b"), ("a", "}:b")),
+        (("a%3Ab", "c"), ("a:b", "c")),
+        (("直播", "用户:1"), ("直播:用户", "1")),
+    ],
+)
+async def test_odd_characters_do_not_collide(
+    store: SessionStore, first: tuple[str, str], second: tuple[str, str]
+) -> None:
+    one = Session(*first, "c1", "room-1", "设备")
+    two = Session(*second, "c2", "room-2")
+    await store.put_sessions([one, two], TTL)
+    assert await store.lookup(first[0], [first[1]]) == {first[1]: [one]}
+    assert await store.lookup(second[0], [second[1]]) == {second[1]: [two]}
+    await store.remove_sessions([one])
+    assert await store.lookup(first[0], [first[1]]) == {}
+    assert await store.lookup(second[0], [second[1]]) == {second[1]: [two]}
+
+
+async def test_non_positive_ttl_is_refused(store: SessionStore) -> None:
+    with pytest.raises(ValueError, match="ttl"):
+        await store.put_sessions([Session("chat", "u1", "c1", "room-1")], 0)
+    with pytest.raises(ValueError, match="ttl"):
+        await store.put_node(Node("room-1", "127.0.0.1:7001"), -1)
+    with pytest.raises(ValueError, match="ttl"):
+        await store.put_node(Node("room-1", "127.0.0.1:7001"), float("nan"))
+
+
+async def test_memory_sweep_drops_expired_users_nobody_looks_up() -> None:
+    store = MemoryStore()
+    await store.put_sessions([Session("chat", f"u{i}", "c", "room-1") for i in range(500)], 0.05)
+    assert len(store) == 500
+    await asyncio.sleep(0.1)
+    for i in range(10):
+        await store.put_sessions([Session("chat", f"v{i}", "c", "room-1")], TTL)
+    assert len(store) == 10
+    await store.close()
+
+
+@pytest.fixture
+async def raw_redis(redis_url: str) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis.from_url(redis_url)
+    yield client
+    await client.aclose()
+
+
+async def test_redis_user_key_carries_the_hash_tag(
+    redis_url: str, raw_redis: aioredis.Redis
+) -> None:
+    store = RedisStore(redis_url)
+    await store.put_sessions(
+        [Session("chat", "u1", "c1", "room-1"), Session("a:b", "{c}", "c2", "room-1")], TTL
+    )
+    keys = {key async for key in raw_redis.scan_iter(match="im:s:*")}
+    assert keys == {b"im:s:{chat:u1}", b"im:s:{a%3Ab:%7Bc%7D}"}
+    assert 0 < await raw_redis.pttl("im:s:{chat:u1}") <= TTL * 1000
+    await store.close()
+
+
+async def test_redis_lookup_deletes_expired_fields(
+    redis_url: str, raw_redis: aioredis.Redis
+) -> None:
+    store = RedisStore(redis_url)
+    live = Session("chat", "u1", "c1", "room-1")
+    await store.put_sessions([live], TTL)
+    await store.put_sessions([Session("chat", "u1", "c2", "room-1")], 0.1)
+    assert await raw_redis.hlen("im:s:{chat:u1}") == 2
+    await asyncio.sleep(0.15)
+    assert await store.lookup("chat", ["u1"]) == {"u1": [live]}
+    assert await raw_redis.hkeys("im:s:{chat:u1}") == [b"c1"]
+    await store.close()
+
+
+async def test_redis_key_expires_with_its_longest_lease(
+    redis_url: str, raw_redis: aioredis.Redis
+) -> None:
+    store = RedisStore(redis_url, prefix="t")
+    await store.put_sessions([Session("chat", "u1", "c1", "room-1")], 0.1)
+    await store.put_sessions([Session("chat", "u1", "c2", "room-1")], 0.3)
+    await asyncio.sleep(0.2)
+    assert await raw_redis.exists("t:s:{chat:u1}") == 1
+    await asyncio.sleep(0.2)
+    assert await raw_redis.exists("t:s:{chat:u1}") == 0
+    await store.close()
+
+
+async def test_redis_batch_is_one_round_trip(redis_url: str, raw_redis: aioredis.Redis) -> None:
+    store = RedisStore(redis_url)
+    await store.put_sessions([Session("chat", "warm", "c", "room-1")], TTL)
+    await store.lookup("chat", ["warm"])
+    sessions = [Session("chat", f"u{i}", "c", "room-1") for i in range(300)]
+    uids = [s.uid for s in sessions]
+    for batch in (
+        lambda: store.put_sessions(sessions, TTL),
+        lambda: store.lookup("chat", uids),
+        lambda: store.remove_sessions(sessions),
+    ):
+        before = (await raw_redis.info("stats"))["total_reads_processed"]
+        await batch()
+        after = (await raw_redis.info("stats"))["total_reads_processed"]
+        # One pipelined batch of 300 users arrives in a few socket reads (plus the INFO);
+        # a round trip per user would cost 300.
+        assert after - before <= 10
+    await store.close()
+
+
+async def test_redis_survives_a_server_restart(redis_server, redis_url: str) -> None:
+    store = RedisStore(redis_url)
+    session = Session("chat", "u1", "c1", "room-1")
+    await store.put_sessions([session], TTL)
+    redis_server.restart()
+    assert await store.lookup("chat", ["u1"]) == {}
+    await store.put_sessions([session], TTL)
+    await store.put_node(Node("room-1", "127.0.0.1:7001"), TTL)
+    assert await store.lookup("chat", ["u1"]) == {"u1": [session]}
+    assert [n.instance for n in await store.nodes()] == ["room-1"]
+    await store.close()
