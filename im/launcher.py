@@ -91,7 +91,7 @@ def banner(args: argparse.Namespace) -> str:
         f"({'redis ' + args.redis if args.redis else 'memory engine'})",
     ]
     for i in range(args.rooms):
-        ws_port, tcp_port = 8090 + 2 * i, 8091 + 2 * i
+        ws_port, tcp_port = args.base_port + 2 * i, args.base_port + 1 + 2 * i
         lines.append(f"room-{i}    ws://{args.host}:{ws_port}/ws  tcp://{args.host}:{tcp_port}")
     return "\n".join(lines)
 
@@ -106,6 +106,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--center-port", type=int, default=8080)
     parser.add_argument("--register-port", type=int, default=8070)
+    parser.add_argument(
+        "--base-port",
+        type=int,
+        default=8090,
+        help="room i listens on WebSocket BASE+2i, TCP BASE+1+2i, RPC BASE+100+i (default 8090)",
+    )
     parser.add_argument("--idc", default="default")
     args = parser.parse_args(argv)
     if args.rooms < 1:
