@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Sequence
 
-from im.config import load_products
+from im.config import ConfigError, load_products
 from im.register_client import RegisterClient
 from im.service import run
 from room.config import add_arguments, from_args
@@ -16,7 +17,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="im room", description=__doc__)
     add_arguments(parser)
     config = from_args(parser.parse_args(argv))
-    products = load_products(config.config)
+    try:
+        products = load_products(config.config)
+    except ConfigError as exc:
+        sys.exit(f"im room: {exc}")
 
     async def start() -> RoomServer:
         server = RoomServer(config, products, RegisterClient(config.register), owns_store=True)

@@ -1,0 +1,34 @@
+"""`python -m center` / `im center`: the business HTTP API, over the register service."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+from center.config import from_args
+from center.server import CenterServer
+from im.config import ConfigError, load_products
+from im.service import run
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    config = from_args(argv)
+    try:
+        products = load_products(config.config)
+    except ConfigError as exc:
+        sys.exit(f"im center: {exc}")
+
+    async def start() -> CenterServer:
+        # Imported here: a launcher running center in-process passes a store of its own.
+        from im.register_client import RegisterClient
+
+        store = RegisterClient(config.register, timeout=config.rpc_timeout)
+        server = CenterServer(config, store, products, owns_store=True)
+        await server.start()
+        return server
+
+    run(start)
+
+
+if __name__ == "__main__":
+    main()
