@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Installs the test dependencies (redis-server from Debian, the project with its test
+# extra) and runs every test. This is the README's test command and what CI runs.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if ! command -v redis-server >/dev/null 2>&1; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq redis-server >/dev/null
+fi
+# The test fixtures start their own redis-server on free ports; the distribution's
+# service is not needed.
+python3 -m pip install -q --disable-pip-version-check -e '.[test]'
+python3 -m ruff check .
+python3 -m pytest -q "$@"
