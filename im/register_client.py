@@ -7,8 +7,9 @@ Each method is one RPC whatever the batch size, so callers batch and this stays 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
-from im.rpc import RpcClient
+from im.rpc import RpcClient, RpcError
 from im.sessions import Node, Session
 
 NAME = "register"
@@ -19,28 +20,36 @@ class RegisterClient:
         self.address = address
         self._rpc = RpcClient(address, timeout=timeout, name=NAME)
 
+    async def _call(self, method: str, params: Any = None) -> Any:
+        try:
+            return await self._rpc.call(method, params)
+        except RpcError as err:
+            if err.code == "bad_request":  # same contract as the engines: bad values
+                raise ValueError(err.message) from None
+            raise
+
     async def put_sessions(self, sessions: Sequence[Session], ttl: float) -> None:
         if sessions:
-            await self._rpc.call("sessions.put", [[s.to_wire() for s in sessions], ttl])
+            await self._call("sessions.put", [[s.to_wire() for s in sessions], ttl])
 
     async def remove_sessions(self, sessions: Sequence[Session]) -> None:
         if sessions:
-            await self._rpc.call("sessions.remove", [s.to_wire() for s in sessions])
+            await self._call("sessions.remove", [s.to_wire() for s in sessions])
 
     async def lookup(self, product: str, uids: Sequence[str]) -> dict[str, list[Session]]:
         if not uids:
             return {}
-        found = await self._rpc.call("sessions.lookup", [product, list(uids)])
+        found = await self._call("sessions.lookup", [product, list(uids)])
         return {uid: [Session.from_wire(s) for s in rows] for uid, rows in found.items()}
 
     async def put_node(self, node: Node, ttl: float) -> None:
-        await self._rpc.call("nodes.put", [node.to_wire(), ttl])
+        await self._call("nodes.put", [node.to_wire(), ttl])
 
     async def remove_node(self, instance: str) -> None:
-        await self._rpc.call("nodes.remove", instance)
+        await self._call("nodes.remove", instance)
 
     async def nodes(self) -> list[Node]:
-        return [Node.from_wire(n) for n in await self._rpc.call("nodes.list")]
+        return [Node.from_wire(n) for n in await self._call("nodes.list")]
 
     async def close(self) -> None:
         await self._rpc.close()

@@ -8,7 +8,7 @@ from typing import Any
 from aiohttp import web
 
 from im.metrics import CONTENT_TYPE_LATEST, exposition
-from im.rpc import RpcError, RpcServer
+from im.rpc import Handler, RpcError, RpcServer
 from im.sessions import Node, Session, SessionStore
 from register.config import RegisterConfig
 
@@ -24,20 +24,32 @@ def _sessions(rows: Any) -> list[Session]:
         ) from None
 
 
+def _refusing_bad_values(handler: Handler) -> Handler:
+    """An engine's ValueError (a bad ttl, say) is the caller's fault: answer bad_request."""
+
+    async def call(params: Any) -> Any:
+        try:
+            return await handler(params)
+        except (ValueError, TypeError) as exc:
+            raise RpcError("bad_request", str(exc)) from None
+
+    return call
+
+
 class RegisterServer:
     def __init__(self, config: RegisterConfig, store: SessionStore) -> None:
         self.config = config
         self.store = store
+        handlers = {
+            "sessions.put": self._put,
+            "sessions.remove": self._remove,
+            "sessions.lookup": self._lookup,
+            "nodes.put": self._put_node,
+            "nodes.remove": self._remove_node,
+            "nodes.list": self._nodes,
+        }
         self.rpc = RpcServer(
-            {
-                "sessions.put": self._put,
-                "sessions.remove": self._remove,
-                "sessions.lookup": self._lookup,
-                "nodes.put": self._put_node,
-                "nodes.remove": self._remove_node,
-                "nodes.list": self._nodes,
-            },
-            name="register",
+            {name: _refusing_bad_values(fn) for name, fn in handlers.items()}, name="register"
         )
         self._http: web.AppRunner | None = None
 

@@ -9,9 +9,12 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 import pytest
 import redis.asyncio as aioredis
 
+from im.register_client import RegisterClient
 from im.sessions import Node, Session, SessionStore
+from register.config import RegisterConfig
 from register.engines.memory import MemoryStore
 from register.engines.redis import RedisStore
+from register.server import RegisterServer
 
 
 @asynccontextmanager
@@ -28,9 +31,20 @@ async def _redis(request: pytest.FixtureRequest) -> AsyncIterator[SessionStore]:
     await store.close()
 
 
+@asynccontextmanager
+async def _rpc(request: pytest.FixtureRequest) -> AsyncIterator[SessionStore]:
+    """The register service itself: RegisterClient -> RPC -> RegisterServer -> memory."""
+    server = RegisterServer(RegisterConfig(port=0, metrics_port=0), MemoryStore())
+    await server.start()
+    client = RegisterClient(server.rpc.address)
+    yield client
+    await client.close()
+    await server.close()
+
+
 # One entry per engine: each opens a fresh, empty store and cleans up after it.
 ENGINES: dict[str, Callable[[pytest.FixtureRequest], AbstractAsyncContextManager[SessionStore]]]
-ENGINES = {"memory": _memory, "redis": _redis}
+ENGINES = {"memory": _memory, "redis": _redis, "rpc": _rpc}
 
 TTL = 30.0
 
