@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from im import settings
 
@@ -13,28 +13,65 @@ BASE_WS_PORT = 8090
 
 @dataclass(slots=True)
 class RoomConfig:
-    index: int = 0  # instance i listens on WebSocket 8090+2i and TCP 8091+2i by default
-    host: str = "127.0.0.1"
-    ws_port: int | None = None
-    tcp_port: int | None = None
-    rpc_port: int | None = None  # internal RPC; 0 picks a free port, None = 8190+i
-    ws_path: str = "/ws"
-    advertise_host: str | None = None  # host put in the node table; defaults to host
-    idc: str = "default"
-    register: str = "127.0.0.1:8070"
-    config: str | None = None  # products TOML
-    heartbeat_s: float = 25.0
-    heartbeat_min_s: float = 5.0
-    heartbeat_max_s: float = 300.0
-    missed_heartbeats: int = 3
-    auth_timeout_s: float = 10.0
-    max_frame: int = 64 * 1024
-    queue_cap: int = 200
-    flush_interval_ms: float = 5.0
-    write_buffer_high: int = 64 * 1024
-    session_ttl_s: float = 60.0
-    node_ttl_s: float = 10.0
-    register_batch: int = 1000
+    index: int = field(
+        default=0,
+        metadata={
+            "help": "instance number i: default ports WebSocket 8090+2i, TCP 8091+2i, RPC 8190+i"
+        },
+    )
+    host: str = field(default="127.0.0.1", metadata={"help": "listen address"})
+    ws_port: int | None = field(
+        default=None, metadata={"help": "WebSocket port (0 = any free port)"}
+    )
+    tcp_port: int | None = field(default=None, metadata={"help": "TCP port (0 = any free port)"})
+    rpc_port: int | None = field(
+        default=None, metadata={"help": "internal RPC port for center (0 = any free port)"}
+    )
+    ws_path: str = field(default="/ws", metadata={"help": "WebSocket path"})
+    advertise_host: str | None = field(
+        default=None, metadata={"help": "host published in the node table (default: --host)"}
+    )
+    idc: str = field(
+        default="default", metadata={"help": "data centre tag published in the node table"}
+    )
+    register: str = field(default="127.0.0.1:8070", metadata={"help": "register RPC host:port"})
+    config: str | None = field(
+        default=None, metadata={"help": "products TOML (default: $IM_CONFIG, else the dev product)"}
+    )
+    heartbeat_s: float = field(
+        default=25.0, metadata={"help": "heartbeat interval offered to clients, seconds"}
+    )
+    heartbeat_min_s: float = field(
+        default=5.0, metadata={"help": "lowest heartbeat a client may ask for"}
+    )
+    heartbeat_max_s: float = field(
+        default=300.0, metadata={"help": "highest heartbeat a client may ask for"}
+    )
+    missed_heartbeats: int = field(
+        default=3, metadata={"help": "silent intervals before a connection is closed (4007)"}
+    )
+    auth_timeout_s: float = field(
+        default=10.0, metadata={"help": "seconds to authenticate before 4002"}
+    )
+    max_frame: int = field(
+        default=64 * 1024, metadata={"help": "largest client frame or message, bytes (4006 above)"}
+    )
+    queue_cap: int = field(
+        default=200, metadata={"help": "frames queued per connection, all priorities together"}
+    )
+    flush_interval_ms: float = field(
+        default=5.0, metadata={"help": "write coalescing tick; 0 = next loop iteration"}
+    )
+    write_buffer_high: int = field(
+        default=64 * 1024, metadata={"help": "socket buffer bytes above which frames wait queued"}
+    )
+    session_ttl_s: float = field(
+        default=60.0, metadata={"help": "session lease in the register (renewed every third)"}
+    )
+    node_ttl_s: float = field(
+        default=10.0, metadata={"help": "node lease in the register (renewed every third)"}
+    )
+    register_batch: int = field(default=1000, metadata={"help": "sessions per register call"})
 
     def __post_init__(self) -> None:
         if self.ws_port is None:
