@@ -1,0 +1,16 @@
+"""Python client SDK: `Client` keeps a session with the gateway and yields its pushes."""
+
+from im.sdk.client import AuthError, Client, ClientClosed, Message, ServerError
+from im.sdk.transport import Address, TcpTransport, TransportClosed, WsTransport
+
+__all__ = [
+    "Address",
+    "AuthError",
+    "Client",
+    "ClientClosed",
+    "Message",
+    "ServerError",
+    "TcpTransport",
+    "TransportClosed",
+    "WsTransport",
+]

@@ -1,0 +1,599 @@
+"""The application-facing client: one background task keeps a session alive.
+
+That task connects to the addresses in order, authenticates, then reads; it also sends
+the heartbeat pings and the batched acks, so the application only iterates and (with
+auto-ack off) acks. Delivery to the application is at most once per QoS 1 id within a
+window of recent ids, however often the server redelivers after a reconnect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import random
+import time
+from collections import OrderedDict, deque
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from prometheus_client import Counter
+
+from im.protocol.codec import Encoding
+from im.protocol.errors import FATAL_CODES, ErrorCode, ProtocolError
+from im.protocol.messages import MAX_ACK_IDS, validate_client, validate_server
+from im.sdk.transport import Address, Transport, TransportClosed, open_transport
+
+log = logging.getLogger("im.sdk")
+
+ACK_DELAY = 0.01  # seconds an ack may wait for company before its frame goes out
+ACK_BATCH = 100  # ids that make a frame go out at once
+MAX_PENDING_ACKS = 10_000  # acks kept while offline; older ones are redelivered, then re-acked
+DEDUP_SIZE = 10_000
+MAX_PINGS = 64  # unanswered pings remembered for matching pongs
+HB_MISSES = 3  # heartbeat intervals of server silence that mean a dead connection
+CLOSE_FLUSH_TIMEOUT = 1.0
+MAX_ID = 64
+PING = {"op": "ping"}
+
+CONNECTING, ONLINE, OFFLINE, CLOSED = "connecting", "online", "offline", "closed"
+
+#: The server ended the session for good: reconnecting would be refused again, or would
+#: kick the newer connection of the same uid and device.
+TERMINAL_CODES = frozenset({ErrorCode.AUTH_FAILED, ErrorCode.REPLACED})
+
+CONNECTS = Counter("im_sdk_connects_total", "SDK connection attempts", ["result"])
+PUSHES = Counter("im_sdk_pushes_total", "Pushes the SDK queued for the application")
+DROPPED = Counter("im_sdk_dropped_total", "QoS 0 pushes dropped on a full SDK queue")
+DUPLICATES = Counter("im_sdk_duplicates_total", "QoS 1 redeliveries the SDK filtered out")
+
+TokenSource = str | Callable[[], str | Awaitable[str]]
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """A push delivered to the application; `raw` is the whole map as the server sent it."""
+
+    id: str
+    type: str
+    pri: str
+    qos: int
+    ts: int
+    body: Any = field(compare=False)
+    raw: dict[str, Any] = field(compare=False, repr=False)
+
+
+class ServerError(Exception):
+    """The server ended the session for good; the client stopped (connect() restarts it)."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(f"{code} {reason}")
+        self.code = code
+        self.reason = reason
+
+
+class AuthError(ServerError):
+    """Authentication refused. Not retried: a new connect() asks the token source again."""
+
+
+class ClientClosed(Exception):
+    """recv() on a client that close() ended."""
+
+
+def server_error(code: int, reason: str) -> ServerError:
+    return (AuthError if code == ErrorCode.AUTH_FAILED else ServerError)(code, reason)
+
+
+class Backoff:
+    """Exponential backoff with full jitter: attempt n waits U(lo, min(hi, lo * 2**(n+1)))."""
+
+    __slots__ = ("lo", "hi", "_random")
+
+    def __init__(self, lo: float, hi: float, rng: random.Random | None = None) -> None:
+        if not 0 < lo <= hi:
+            raise ValueError("need 0 < backoff_min <= backoff_max")
+        self.lo = lo
+        self.hi = hi
+        self._random = rng or random.Random()
+
+    def delay(self, attempt: int) -> float:
+        cap = min(self.hi, self.lo * 2 ** min(attempt + 1, 32))
+        return self._random.uniform(self.lo, cap)
+
+
+QUEUED, HANDED, ACKED = range(3)
+
+
+class RecentIds:
+    """Bounded LRU of QoS 1 ids taken in, with how far each got towards the application."""
+
+    __slots__ = ("_ids", "_size")
+
+    def __init__(self, size: int = DEDUP_SIZE) -> None:
+        self._ids: OrderedDict[str, int] = OrderedDict()
+        self._size = size
+
+    def get(self, msg_id: str) -> int | None:
+        state = self._ids.get(msg_id)
+        if state is not None:
+            self._ids.move_to_end(msg_id)
+        return state
+
+    def put(self, msg_id: str, state: int) -> None:
+        self._ids[msg_id] = state
+        self._ids.move_to_end(msg_id)
+        if len(self._ids) > self._size:
+            self._ids.popitem(last=False)
+
+    def mark_acked(self, msg_id: str) -> None:
+        if msg_id in self._ids:
+            self._ids[msg_id] = ACKED
+
+
+class Inbox:
+    """Bounded queue from the connection loop to the application; ends with an exception."""
+
+    __slots__ = ("_items", "_size", "_ready", "_end")
+
+    def __init__(self, size: int) -> None:
+        self._items: deque[Message] = deque()
+        self._size = size
+        self._ready = asyncio.Event()
+        self._end: Exception | None = None
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def offer(self, message: Message) -> bool:
+        if len(self._items) >= self._size:
+            return False
+        self._items.append(message)
+        self._ready.set()
+        return True
+
+    def end(self, exc: Exception, *, discard: bool) -> None:
+        """Raise `exc` to readers once the queue is empty (at once with `discard`)."""
+        self._end = exc
+        if discard:
+            self._items.clear()
+        self._ready.set()
+
+    def reopen(self) -> None:
+        self._end = None
+
+    async def get(self, timeout: float | None) -> Message:
+        if self._items:
+            return self._items.popleft()
+        async with asyncio.timeout(timeout):
+            while not self._items:
+                if self._end is not None:
+                    raise self._end.with_traceback(None)
+                self._ready.clear()
+                await self._ready.wait()
+        return self._items.popleft()
+
+
+async def read(transport: Transport) -> dict[str, Any]:
+    """transport.recv(), with a close code that ends the session turned into ServerError."""
+    try:
+        return await transport.recv()
+    except TransportClosed as exc:
+        if exc.code in TERMINAL_CODES:
+            raise server_error(exc.code, exc.reason) from None
+        raise
+
+
+def server_op(message: dict[str, Any]) -> str | None:
+    """The op of a valid server map; None (logged) for ones this client ignores."""
+    try:
+        return validate_server(message)
+    except ProtocolError as exc:
+        if exc.code == ErrorCode.UNKNOWN_OP:
+            log.debug("ignoring server op %r", message.get("op"))
+        else:
+            log.warning("dropping invalid server frame: %s", exc.reason)
+        return None
+
+
+class Client:
+    """Keeps a session with the gateway and hands its pushes to the application."""
+
+    __slots__ = (
+        "_addresses",
+        "_encoding",
+        "_auth",
+        "_token",
+        "_auto_ack",
+        "_reconnect",
+        "_backoff",
+        "_connect_timeout",
+        "_inbox",
+        "_seen",
+        "_acks",
+        "_ack_due",
+        "_pings",
+        "_timer",
+        "_last_recv",
+        "_last_send",
+        "_transport",
+        "_conn_id",
+        "_task",
+        "_loop",
+        "_state",
+        "dropped",
+    )
+
+    def __init__(
+        self,
+        addresses: Sequence[str],
+        *,
+        product: str,
+        uid: str,
+        token: TokenSource,
+        device: str = "",
+        encoding: str = "msgpack",
+        auto_ack: bool = True,
+        reconnect: bool = True,
+        backoff_min: float = 0.2,
+        backoff_max: float = 10.0,
+        connect_timeout: float = 5.0,
+        queue_size: int = 10000,
+    ) -> None:
+        if isinstance(addresses, str):
+            raise TypeError("addresses must be a sequence of addresses, not one string")
+        self._addresses = [Address.parse(a) for a in addresses]
+        if not self._addresses:
+            raise ValueError("at least one address is needed")
+        try:
+            self._encoding = Encoding(encoding)
+        except ValueError:
+            raise ValueError(f"encoding must be 'msgpack' or 'json', not {encoding!r}") from None
+        if self._encoding is not Encoding.MSGPACK and any(
+            a.scheme == "tcp" for a in self._addresses
+        ):
+            raise ValueError("TCP addresses carry msgpack only; use ws:// for json")
+        if connect_timeout <= 0 or queue_size < 1:
+            raise ValueError("connect_timeout and queue_size must be positive")
+        self._auth = {"op": "auth", "product": product, "uid": uid, "device": device}
+        self._checked_auth("-" if callable(token) else token)
+        self._token = token
+        self._auto_ack = auto_ack
+        self._reconnect = reconnect
+        self._backoff = Backoff(backoff_min, backoff_max)
+        self._connect_timeout = connect_timeout
+        self._inbox = Inbox(queue_size)
+        self._seen = RecentIds()
+        self._acks: list[str] = []
+        self._ack_due = 0.0
+        self._pings: deque[asyncio.Future[None] | None] = deque()
+        self._timer: asyncio.Timeout | None = None
+        self._last_recv = 0.0
+        self._last_send = 0.0
+        self._transport: Transport | None = None
+        self._conn_id: str | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._state = OFFLINE
+        self.dropped = 0
+
+    @property
+    def conn_id(self) -> str | None:
+        return self._conn_id
+
+    @property
+    def connected(self) -> bool:
+        return self._state == ONLINE
+
+    @property
+    def state(self) -> str:
+        return self._state
+
+    async def connect(self) -> None:
+        """Return once authenticated; AuthError on refusal, else the last connect error
+        after every address was tried once. Later losses are reconnected in the background.
+        """
+        if self._state == CLOSED:
+            raise RuntimeError("client is closed")
+        if self._task is not None:
+            raise RuntimeError("client is already connected")
+        self._loop = asyncio.get_running_loop()
+        self._inbox.reopen()
+        first: asyncio.Future[None] = self._loop.create_future()
+        self._task = asyncio.create_task(self._run(first), name="im-sdk-connection")
+        try:
+            await first
+        except asyncio.CancelledError:
+            self._task.cancel()
+            raise
+
+    def __aiter__(self) -> Client:
+        return self
+
+    async def __anext__(self) -> Message:
+        try:
+            return await self.recv()
+        except ClientClosed:
+            raise StopAsyncIteration from None
+
+    async def recv(self, timeout: float | None = None) -> Message:
+        """Next push. Raises TimeoutError, ClientClosed after close(), or, once the pushes
+        before it are taken, what stopped the client: a ServerError (AuthError, ...), or
+        with reconnect off the error that ended the connection.
+        """
+        message = await self._inbox.get(timeout)
+        if message.qos == 1:
+            if self._auto_ack:
+                self._seen.put(message.id, ACKED)
+                self._queue_acks((message.id,))
+            else:
+                self._seen.put(message.id, HANDED)
+        return message
+
+    async def ack(self, *ids: str) -> None:
+        """Ack QoS 1 ids now if online; offline, they go out right after the next auth."""
+        for msg_id in ids:
+            if not isinstance(msg_id, str) or not 0 < len(msg_id) <= MAX_ID:
+                raise ValueError(f"ack ids are non-empty strings of at most {MAX_ID} characters")
+        for msg_id in ids:
+            self._seen.mark_acked(msg_id)
+        self._queue_acks(ids)
+        with contextlib.suppress(OSError):
+            await self._flush_acks()
+
+    async def ping(self) -> float:
+        """Round-trip time to the server in seconds; ConnectionError when not online."""
+        transport = self._transport
+        if transport is None or self._loop is None:
+            raise ConnectionError("not connected")
+        waiter: asyncio.Future[None] = self._loop.create_future()
+        start = time.perf_counter()  # finer than loop.time(), which is in ms on uvloop
+        try:
+            await self._send_ping(transport, waiter)
+        except BaseException:
+            waiter.cancel()
+            raise
+        await waiter
+        return time.perf_counter() - start
+
+    async def close(self) -> None:
+        """Flush pending acks (briefly), stop the connection task and end the iterator."""
+        if self._state == CLOSED:
+            return
+        self._state = CLOSED
+        if self._acks and self._transport is not None:
+            with contextlib.suppress(OSError, TimeoutError):
+                async with asyncio.timeout(CLOSE_FLUSH_TIMEOUT):
+                    await self._flush_acks()
+        task = self._task
+        if task is not None:
+            task.cancel()
+            await asyncio.wait([task])
+        self._inbox.end(ClientClosed("client closed"), discard=True)
+
+    # -- the connection task -------------------------------------------------------------
+
+    async def _run(self, first: asyncio.Future[None]) -> None:
+        failures = 0  # attempts failed since the last successful auth
+        index = 0
+        try:
+            while True:
+                address = self._addresses[index]
+                self._set_state(CONNECTING)
+                try:
+                    transport, hb = await self._open(address)
+                except ServerError:
+                    CONNECTS.labels("refused").inc()
+                    raise
+                except Exception as exc:
+                    CONNECTS.labels("failed").inc()
+                    log.warning("connecting to %s failed: %r", address.url, exc)
+                    failures += 1
+                    index = (index + 1) % len(self._addresses)
+                    if not first.done():
+                        if failures >= len(self._addresses):
+                            raise
+                        continue
+                    if not self._reconnect:
+                        raise
+                    self._set_state(OFFLINE)
+                    await asyncio.sleep(self._backoff.delay(failures))
+                    continue
+                CONNECTS.labels("ok").inc()
+                failures = 0
+                if not first.done():
+                    first.set_result(None)
+                try:
+                    await self._session(transport, hb)
+                except (OSError, TimeoutError, ProtocolError) as exc:
+                    log.info("connection to %s lost: %s", address.url, exc)
+                    if isinstance(exc, TransportClosed) and exc.code == ErrorCode.SERVER_SHUTDOWN:
+                        index = (index + 1) % len(self._addresses)
+                    if not self._reconnect:
+                        raise
+                finally:
+                    self._go_offline()
+                    await transport.close()
+                await asyncio.sleep(self._backoff.delay(0))
+        except asyncio.CancelledError:
+            if not first.done():
+                first.set_exception(ClientClosed("client closed while connecting"))
+            raise
+        except Exception as exc:
+            if first.done():
+                self._inbox.end(exc, discard=False)
+            else:
+                first.set_exception(exc)
+        finally:
+            self._task = None
+            self._set_state(OFFLINE)
+
+    async def _open(self, address: Address) -> tuple[Transport, float]:
+        """Connect and authenticate within connect_timeout; returns the heartbeat interval."""
+        async with asyncio.timeout(self._connect_timeout):
+            auth = await self._fresh_auth()
+            transport = await open_transport(address, self._encoding)
+            try:
+                await transport.send(auth)
+                reply = await self._auth_reply(transport)
+            except BaseException:
+                await transport.close()
+                raise
+        self._transport = transport
+        self._conn_id = reply["conn"]
+        self._set_state(ONLINE)
+        log.info("connected to %s as %s", address.url, self._conn_id)
+        return transport, float(reply["hb"])
+
+    async def _fresh_auth(self) -> dict[str, Any]:
+        token = self._token
+        if callable(token):
+            token = token()
+            if inspect.isawaitable(token):
+                token = await token
+        return self._checked_auth(token)
+
+    def _checked_auth(self, token: Any) -> dict[str, Any]:
+        auth = {**self._auth, "token": token}
+        try:
+            validate_client(auth)
+        except ProtocolError as exc:
+            raise ValueError(exc.reason) from None
+        return auth
+
+    @staticmethod
+    async def _auth_reply(transport: Transport) -> dict[str, Any]:
+        while True:
+            message = await read(transport)
+            op = server_op(message)
+            if op == "auth_ok":
+                return message
+            if op == "error":
+                code, reason = message["code"], message["reason"]
+                if code in TERMINAL_CODES:
+                    raise server_error(code, reason)
+                raise TransportClosed(code, reason)
+
+    async def _session(self, transport: Transport, hb: float) -> None:
+        """Read until the connection dies; between frames, send due pings and acks."""
+        loop = asyncio.get_running_loop()
+        dead_after = HB_MISSES * hb
+        self._last_recv = self._last_send = loop.time()
+        if self._acks:
+            self._ack_due = self._last_recv
+        while True:
+            now = loop.time()
+            if now - self._last_recv >= dead_after:
+                raise TimeoutError(f"no frame from the server for {dead_after:g} s")
+            if self._acks and now >= self._ack_due:
+                await self._flush_acks()
+            if now - self._last_send >= hb:
+                await self._send_ping(transport, None)
+            deadline = min(self._last_recv + dead_after, self._last_send + hb)
+            if self._acks:
+                deadline = min(deadline, self._ack_due)
+            try:
+                async with asyncio.timeout_at(deadline) as timer:
+                    self._timer = timer
+                    message = await read(transport)
+            except TimeoutError:
+                continue
+            finally:
+                self._timer = None
+            self._last_recv = loop.time()
+            self._handle(message)
+
+    def _handle(self, message: dict[str, Any]) -> None:
+        op = server_op(message)
+        if op == "push":
+            self._on_push(message)
+        elif op == "pong":
+            if self._pings:
+                waiter = self._pings.popleft()
+                if waiter is not None and not waiter.done():
+                    waiter.set_result(None)
+        elif op == "error":
+            code, reason = message["code"], message["reason"]
+            if code in TERMINAL_CODES:
+                raise server_error(code, reason)
+            if code in FATAL_CODES:
+                raise TransportClosed(code, reason)
+            log.warning("server error %d: %s", code, reason)
+
+    def _on_push(self, raw: dict[str, Any]) -> None:
+        msg_id, qos = raw["id"], raw["qos"]
+        if qos == 1:
+            state = self._seen.get(msg_id)
+            if state is not None:
+                DUPLICATES.inc()
+                if state == ACKED:
+                    self._queue_acks((msg_id,))
+                return
+        message = Message(msg_id, raw["type"], raw["pri"], qos, raw["ts"], raw.get("body"), raw)
+        if not self._inbox.offer(message):
+            if qos == 0:
+                self.dropped += 1
+                DROPPED.inc()
+            else:
+                log.debug("queue full: QoS 1 push %s left unacked for redelivery", msg_id)
+            return
+        PUSHES.inc()
+        if qos == 1:
+            self._seen.put(msg_id, QUEUED)
+
+    def _queue_acks(self, ids: Iterable[str]) -> None:
+        acks = self._acks
+        was_empty = not acks
+        acks.extend(ids)
+        if len(acks) > MAX_PENDING_ACKS:
+            del acks[: len(acks) - MAX_PENDING_ACKS]
+        now = asyncio.get_running_loop().time()
+        if len(acks) >= ACK_BATCH:
+            due = now
+        elif was_empty:
+            due = now + ACK_DELAY
+        else:
+            return
+        self._ack_due = due if was_empty else min(self._ack_due, due)
+        timer = self._timer
+        if timer is not None and (timer.when() or 0.0) > due:
+            timer.reschedule(due)
+
+    async def _flush_acks(self) -> None:
+        transport = self._transport
+        if transport is None or not self._acks:
+            return
+        ids, self._acks = self._acks, []
+        sent = 0
+        try:
+            while sent < len(ids):
+                await transport.send({"op": "ack", "ids": ids[sent : sent + MAX_ACK_IDS]})
+                sent += MAX_ACK_IDS
+                self._last_send = asyncio.get_running_loop().time()
+        except BaseException:
+            self._queue_acks(ids[sent:])
+            raise
+
+    async def _send_ping(self, transport: Transport, waiter: asyncio.Future[None] | None) -> None:
+        pings = self._pings
+        if len(pings) >= MAX_PINGS:
+            oldest = pings.popleft()
+            if oldest is not None and not oldest.done():
+                oldest.set_exception(TimeoutError("no pong from the server"))
+        pings.append(waiter)
+        self._last_send = asyncio.get_running_loop().time()
+        await transport.send(PING)
+
+    def _go_offline(self) -> None:
+        self._transport = None
+        self._conn_id = None
+        self._set_state(OFFLINE)
+        while self._pings:
+            waiter = self._pings.popleft()
+            if waiter is not None and not waiter.done():
+                waiter.set_exception(ConnectionError("connection lost"))
+
+    def _set_state(self, state: str) -> None:
+        if self._state != CLOSED:
+            self._state = state
