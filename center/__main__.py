@@ -8,11 +8,12 @@ from collections.abc import Sequence
 from center.config import from_args
 from center.server import CenterServer
 from im.config import ConfigError, load_products
-from im.service import run
+from im.service import run, setup_logging
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     config = from_args(argv)
+    setup_logging()
     try:
         products = load_products(config.config)
     except ConfigError as exc:

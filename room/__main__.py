@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 from im.config import ConfigError, load_products
 from im.register_client import RegisterClient
-from im.service import run
+from im.service import run, setup_logging
 from room.config import add_arguments, from_args
 from room.server import RoomServer
 
@@ -17,6 +17,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="im room", description=__doc__)
     add_arguments(parser)
     config = from_args(parser.parse_args(argv))
+    setup_logging()
     try:
         products = load_products(config.config)
     except ConfigError as exc:
