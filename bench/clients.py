@@ -1,0 +1,528 @@
+"""Lean load-test clients, run by worker processes of `bench/flood.py`.
+
+One asyncio.Protocol object per connection and no Task per connection: ten thousand
+clients must fit beside the server on a small box without measuring the client instead.
+A worker connects its share, answers server pings, sends the protocol's heartbeat from
+one ticker, times every push it receives, and reports to the parent over a pipe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import os
+import resource
+import socket
+import struct
+import time
+from collections import Counter
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import Any
+from urllib.parse import urlsplit
+
+import msgpack
+import orjson
+import uvloop
+
+from bench import procstat
+from im.auth import issue_token
+from im.config import Product
+from im.protocol import websocket as ws
+from im.protocol.framing import FrameDecoder, frame
+
+# Client states.
+CONNECTING, HANDSHAKE, AUTH_WAIT, ONLINE, CLOSED = range(5)
+
+MAX_SERVER_FRAME = 1024 * 1024
+MAX_HANDSHAKE_RESPONSE = 16 * 1024
+MAX_PENDING_CONNECTS = 256
+MAX_ERROR_KINDS = 32
+TOKEN_TTL_S = 24 * 3600
+DEFAULT_HEARTBEAT_S = 25.0
+
+_unpack_medium = struct.Struct("!H").unpack_from
+_unpack_long = struct.Struct("!Q").unpack_from
+
+
+class ServerFrameError(ValueError):
+    """The server sent something a WebSocket client must not accept."""
+
+
+class ServerFrameParser:
+    """Incremental parser of server-to-client (unmasked) WebSocket frames.
+
+    feed() returns (opcode, payload) pairs; fragments are joined and reported under the
+    opcode of their first frame. Buffers exist only while a frame is partial.
+    """
+
+    __slots__ = ("_buf", "_frag", "_frag_op", "max_size")
+
+    def __init__(self, max_size: int = MAX_SERVER_FRAME) -> None:
+        self.max_size = max_size
+        self._buf: bytearray | None = None
+        self._frag: bytearray | None = None
+        self._frag_op = 0
+
+    def feed(self, data: bytes) -> list[tuple[int, bytes]]:
+        buf: bytes | bytearray
+        if self._buf is None:
+            buf = data
+        else:
+            self._buf += data
+            buf = self._buf
+        out: list[tuple[int, bytes]] = []
+        pos = self._parse(buf, out)
+        if pos == len(buf):
+            self._buf = None
+        elif self._buf is None:
+            self._buf = bytearray(buf[pos:])
+        elif pos:
+            del self._buf[:pos]
+        return out
+
+    def _parse(self, buf: bytes | bytearray, out: list[tuple[int, bytes]]) -> int:
+        pos = 0
+        end = len(buf)
+        while end - pos >= 2:
+            b0, b1 = buf[pos], buf[pos + 1]
+            if b1 & 0x80:
+                raise ServerFrameError("masked frame from the server")
+            if b0 & 0x70:
+                raise ServerFrameError("reserved bits set")
+            opcode, fin = b0 & 0x0F, b0 & 0x80
+            length = b1 & 0x7F
+            head = pos + 2
+            if length == 126:
+                if end - head < 2:
+                    break
+                (length,) = _unpack_medium(buf, head)
+                head += 2
+            elif length == 127:
+                if end - head < 8:
+                    break
+                (length,) = _unpack_long(buf, head)
+                head += 8
+            if length > self.max_size:
+                raise ServerFrameError(f"frame of {length} bytes, limit {self.max_size}")
+            if end - head < length:
+                break
+            pos = head + length
+            payload = bytes(buf[head:pos])
+            if opcode >= ws.OP_CLOSE or (fin and opcode != ws.OP_CONT):
+                out.append((opcode, payload))
+            elif opcode != ws.OP_CONT:
+                self._frag, self._frag_op = bytearray(payload), opcode
+            elif self._frag is None:
+                raise ServerFrameError("continuation without a message")
+            else:
+                self._frag += payload
+                if len(self._frag) > self.max_size:
+                    raise ServerFrameError(f"message above {self.max_size} bytes")
+                if fin:
+                    out.append((self._frag_op, bytes(self._frag)))
+                    self._frag = None
+        return pos
+
+
+def handshake_request(host: str, port: int, path: str, subprotocol: str) -> bytes:
+    """The opening request; one key serves every client (the server only echoes a hash)."""
+    key = base64.b64encode(os.urandom(16)).decode()
+    return (
+        f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
+        f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+        f"Sec-WebSocket-Protocol: {subprotocol}\r\n\r\n"
+    ).encode()
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """A room address: ws://host:port/path or tcp://host:port."""
+
+    transport: str
+    host: str
+    port: int
+    path: str
+
+    @classmethod
+    def parse(cls, text: str, default_transport: str) -> Target:
+        if "://" not in text:
+            text = f"{default_transport}://{text}"
+        parts = urlsplit(text)
+        if parts.scheme not in ("ws", "tcp") or not parts.hostname or parts.port is None:
+            raise ValueError(f"bad target {text!r}: use ws://HOST:PORT/PATH or tcp://HOST:PORT")
+        return cls(parts.scheme, parts.hostname, parts.port, parts.path or "/")
+
+    def __str__(self) -> str:
+        path = self.path if self.transport == "ws" else ""
+        return f"{self.transport}://{self.host}:{self.port}{path}"
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerSpec:
+    """What one worker process does; client i connects to targets[i % len(targets)]."""
+
+    worker: int
+    indices: range
+    targets: tuple[Target, ...]
+    sources: tuple[str, ...]  # local addresses to bind, client i uses sources[i % len]
+    json: bool  # WebSocket text frames carrying JSON instead of binary msgpack
+    auth: bool
+    product: Product
+    uid_prefix: str
+    connect_rate: float  # new connections per second for this worker; 0 = no cap
+    connect_timeout: float
+    ping_interval: float | None  # None: the heartbeat the server gave in auth_ok
+    report_interval: float = 0.25
+
+
+class Client(asyncio.Protocol):
+    __slots__ = ("worker", "index", "transport", "state", "parser")
+
+    def __init__(self, worker: Worker, index: int) -> None:
+        self.worker = worker
+        self.index = index
+        # uvloop's transports are not asyncio.Transport subclasses.
+        self.transport: Any = None
+        self.state = CONNECTING
+        # TCP: a FrameDecoder. WebSocket: the handshake response so far, then a
+        # ServerFrameParser. None when closed.
+        self.parser: Any = None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        state, self.state = self.state, CLOSED
+        self.parser = None
+        self.worker.lost(state)
+
+    def fail(self, reason: str) -> None:
+        self.worker.error(reason)
+        if self.transport is not None:
+            self.transport.abort()
+
+
+class TcpClient(Client):
+    """4-byte length-prefixed msgpack maps."""
+
+    __slots__ = ()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+        worker = self.worker
+        if not worker.spec.auth:
+            worker.online_now(self)
+            return
+        self.parser = FrameDecoder(MAX_SERVER_FRAME)
+        self.state = AUTH_WAIT
+        self.transport.write(frame(msgpack.packb(worker.auth_map(self.index))))
+
+    def data_received(self, data: bytes) -> None:
+        if self.parser is None:
+            return
+        try:
+            for payload in self.parser.feed(data):
+                self.worker.message(self, msgpack.unpackb(payload))
+        except (ValueError, msgpack.UnpackException) as exc:
+            self.fail(f"bad frame from server: {exc}")
+
+
+class WsClient(Client):
+    __slots__ = ()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+        self.state = HANDSHAKE
+        self.parser = bytearray()
+        requests = self.worker.requests
+        self.transport.write(requests[self.index % len(requests)])
+
+    def data_received(self, data: bytes) -> None:
+        if self.state == HANDSHAKE:
+            data = self._handshake(data)
+            if not data:
+                return
+        worker = self.worker
+        try:
+            events = self.parser.feed(data)
+        except ServerFrameError as exc:
+            self.fail(str(exc))
+            return
+        for opcode, payload in events:
+            if opcode == ws.OP_BINARY or opcode == ws.OP_TEXT:
+                try:
+                    if opcode == ws.OP_TEXT:
+                        message = orjson.loads(payload)
+                    else:
+                        message = msgpack.unpackb(payload)
+                except (ValueError, msgpack.UnpackException) as exc:
+                    self.fail(f"undecodable message: {exc}")
+                    return
+                worker.message(self, message)
+            elif opcode == ws.OP_PING:
+                self.transport.write(ws.encode_client_frame(ws.OP_PONG, payload))
+            elif opcode == ws.OP_CLOSE:
+                code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1005
+                worker.error(f"close {code} {payload[2:].decode(errors='replace')}")
+                self.transport.close()
+                return
+
+    def _handshake(self, data: bytes) -> bytes:
+        head: bytearray = self.parser
+        head += data
+        end = head.find(b"\r\n\r\n")
+        if end < 0:
+            if len(head) > MAX_HANDSHAKE_RESPONSE:
+                self.fail("handshake response too long")
+            return b""
+        status = bytes(head[: head.find(b"\r\n")])
+        leftover = bytes(head[end + 4 :])
+        if not status.startswith(b"HTTP/1.1 101"):
+            self.fail(f"handshake refused: {status.decode(errors='replace')[:80]}")
+            return b""
+        self.parser = ServerFrameParser()
+        worker = self.worker
+        if worker.spec.auth:
+            self.state = AUTH_WAIT
+            self.transport.write(worker.ws_frame(worker.auth_map(self.index)))
+        else:
+            worker.online_now(self)
+        return leftover
+
+
+class Worker:
+    """One process's share of the clients and the counters the parent aggregates."""
+
+    def __init__(self, spec: WorkerSpec, pipe: Connection) -> None:
+        self.spec = spec
+        self.pipe = pipe
+        self.loop = asyncio.get_running_loop()
+        self.requests = [
+            handshake_request(
+                t.host, t.port, t.path, "im.v1.json" if spec.json else "im.v1.msgpack"
+            )
+            for t in spec.targets
+        ]
+        self._ping_frame: bytes | None = None
+        self.online: list[Client] = []
+        self.clients: list[Client] = []
+        self.launched = 0
+        self.connected = 0
+        self.failed = 0
+        self.dropped = 0  # connections lost after they were online
+        self.pushes_unmarked = 0
+        self.errors: Counter[str] = Counter()
+        self.seqs: list[int] = []
+        self.lats: list[int] = []
+        self.hb = spec.ping_interval
+        self.first_start = 0.0
+        self.last_online = 0.0
+        self.settled = False  # the connect phase is over: `failed` is final
+        self.stop = asyncio.Event()
+        self._connecting: set[asyncio.Task] = set()
+
+    # -- wire helpers ------------------------------------------------------------------
+
+    def auth_map(self, index: int) -> dict[str, Any]:
+        uid = f"{self.spec.uid_prefix}{index}"
+        product = self.spec.product
+        token = issue_token(product, uid, TOKEN_TTL_S)
+        return {"op": "auth", "product": product.name, "uid": uid, "device": "d", "token": token}
+
+    def ws_frame(self, message: dict[str, Any]) -> bytes:
+        if self.spec.json:
+            return ws.encode_client_frame(ws.OP_TEXT, orjson.dumps(message))
+        return ws.encode_client_frame(ws.OP_BINARY, msgpack.packb(message))
+
+    def ping_frame(self) -> bytes:
+        if self._ping_frame is None:
+            ping = {"op": "ping"}
+            self._ping_frame = (
+                frame(msgpack.packb(ping))
+                if self.spec.targets[0].transport == "tcp"
+                else self.ws_frame(ping)
+            )
+        return self._ping_frame
+
+    # -- client callbacks --------------------------------------------------------------
+
+    def online_now(self, client: Client) -> None:
+        client.state = ONLINE
+        self.online.append(client)
+        self.last_online = time.time()
+
+    def message(self, client: Client, message: Any) -> None:
+        if type(message) is not dict:
+            client.fail("message is not a map")
+            return
+        op = message.get("op")
+        if op == "push":
+            body = message.get("body")
+            if type(body) is dict:
+                seq, sent = body.get("seq"), body.get("t")
+                if type(seq) is int and type(sent) is int:
+                    self.seqs.append(seq)
+                    self.lats.append(time.time_ns() - sent)
+                    return
+            self.pushes_unmarked += 1
+        elif op == "auth_ok":
+            if client.state == AUTH_WAIT:
+                if self.hb is None:
+                    self.hb = float(message.get("hb") or DEFAULT_HEARTBEAT_S)
+                self.online_now(client)
+        elif op == "error":
+            self.error(f"error {message.get('code')}: {message.get('reason')}")
+
+    def lost(self, state: int) -> None:
+        if state == ONLINE:
+            self.dropped += 1
+        elif not self.settled:
+            self.failed += 1
+
+    def error(self, reason: str) -> None:
+        if reason in self.errors or len(self.errors) < MAX_ERROR_KINDS:
+            self.errors[reason] += 1
+
+    # -- connecting --------------------------------------------------------------------
+
+    async def _connect(self, index: int, slots: asyncio.Semaphore) -> None:
+        spec = self.spec
+        target = spec.targets[index % len(spec.targets)]
+        client: Client = (
+            TcpClient(self, index) if target.transport == "tcp" else WsClient(self, index)
+        )
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.setblocking(False)
+            if spec.sources:
+                # The port is chosen at connect time, per destination: many more per source.
+                sock.setsockopt(socket.SOL_IP, socket.IP_BIND_ADDRESS_NO_PORT, 1)
+                sock.bind((spec.sources[index % len(spec.sources)], 0))
+            await self.loop.sock_connect(sock, (target.host, target.port))
+            self.clients.append(client)
+            await self.loop.create_connection(lambda: client, sock=sock)
+            self.connected += 1
+        except OSError as exc:
+            sock.close()
+            self.failed += 1
+            self.error(f"connect: {exc.strerror or type(exc).__name__}")
+        except asyncio.CancelledError:
+            sock.close()
+            raise
+        finally:
+            slots.release()
+
+    async def connect_all(self) -> None:
+        """Open every connection (paced, bounded in flight), then wait for them to be online."""
+        spec = self.spec
+        slots = asyncio.Semaphore(MAX_PENDING_CONNECTS)
+        start = self.loop.time()
+        self.first_start = time.time()
+        for n, index in enumerate(spec.indices):
+            if spec.connect_rate:
+                delay = start + n / spec.connect_rate - self.loop.time()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+            await slots.acquire()
+            self.launched += 1
+            task = self.loop.create_task(self._connect(index, slots))
+            self._connecting.add(task)
+            task.add_done_callback(self._connecting.discard)
+        deadline = self.loop.time() + spec.connect_timeout
+        total = len(spec.indices)
+        while len(self.online) + self.failed < total and self.loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        for task in list(self._connecting):
+            task.cancel()
+        for client in self.clients:
+            if client.state != ONLINE and client.transport is not None:
+                client.transport.abort()
+        self.settled = True
+        self.failed = total - len(self.online)
+
+    # -- running -----------------------------------------------------------------------
+
+    async def heartbeats(self) -> None:
+        """Each second, ping the slice of online clients whose turn it is (one per hb)."""
+        tick = 0
+        while True:
+            await asyncio.sleep(1.0)
+            if not self.spec.auth or self.hb is None:
+                continue
+            tick += 1
+            period = max(1, round(self.hb))
+            data = self.ping_frame()
+            for client in self.online[tick % period :: period]:
+                if client.state == ONLINE:
+                    client.transport.write(data)
+
+    def counts(self) -> dict[str, Any]:
+        return {
+            "launched": self.launched,
+            "connected": self.connected,
+            "online": len(self.online) - self.dropped,
+            "failed": self.failed,
+            "dropped": self.dropped,
+            "unmarked": self.pushes_unmarked,
+            "errors": dict(self.errors),
+        }
+
+    def report(self, kind: str, **extra: Any) -> None:
+        seqs, lats = self.seqs, self.lats
+        self.seqs, self.lats = [], []
+        self.pipe.send((kind, self.spec.worker, self.counts(), seqs, lats, extra))
+
+    async def reporter(self) -> None:
+        while True:
+            await asyncio.sleep(self.spec.report_interval)
+            self.report("progress")
+
+    def _command(self) -> None:
+        try:
+            command = self.pipe.recv()
+        except EOFError:
+            command = "stop"
+        if command == "stop":
+            self.loop.remove_reader(self.pipe.fileno())
+            self.stop.set()
+
+    async def run(self) -> None:
+        rss_before = procstat.rss_bytes(os.getpid())
+        self.loop.add_reader(self.pipe.fileno(), self._command)
+        background = [
+            self.loop.create_task(self.reporter()),
+            self.loop.create_task(self.heartbeats()),
+        ]
+        await self.connect_all()
+        self.report(
+            "ready",
+            online=[c.index for c in self.online if c.state == ONLINE],
+            first_start=self.first_start,
+            last_online=self.last_online,
+            rss_delta=procstat.rss_bytes(os.getpid()) - rss_before,
+        )
+        await self.stop.wait()
+        for client in self.clients:
+            if client.transport is not None and client.state != CLOSED:
+                client.transport.close()
+        await asyncio.sleep(0.1)
+        for task in background:
+            task.cancel()
+        self.report("final")
+
+
+def raise_fd_limit() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def worker_main(spec: WorkerSpec, pipe: Connection) -> None:
+    """Entry point of a worker process."""
+    raise_fd_limit()
+
+    async def main() -> None:
+        await Worker(spec, pipe).run()
+
+    with contextlib.suppress(KeyboardInterrupt):
+        uvloop.run(main())

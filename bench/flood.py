@@ -1,0 +1,808 @@
+"""flood: open many authenticated connections to room instances, then measure them.
+
+Scenarios:
+  idle     connect N clients, hold them for --duration seconds, and report what each
+           connection costs the room process in memory (RSS delta / N).
+  unicast  connect N clients, then push --rate messages per second for --duration seconds
+           through center's HTTP API, each to one random online client; report delivery
+           latency (receipt - API call start), losses, duplicates, and CPU per delivered
+           message of the room (and of center and register when found on this host).
+
+Clients run in --procs worker processes (asyncio Protocols on uvloop, no Task per
+connection) and report to this process over pipes. A progress line goes to stderr every
+second; the result goes to stdout as a table and a JSON summary (also to --json FILE).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime
+import math
+import multiprocessing
+import os
+import platform
+import random
+import shlex
+import sys
+import time
+from array import array
+from collections import Counter, deque
+from collections.abc import Callable, Sequence
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiohttp
+import orjson
+import uvloop
+
+from im.config import ConfigError, load_products
+
+if __package__ in (None, ""):  # run as `python3 bench/flood.py`: make `bench` importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench import clients, procstat  # noqa: E402
+from bench.clients import Target, WorkerSpec  # noqa: E402
+
+RSS_SAMPLES = 3
+RSS_SAMPLE_GAP_S = 0.5
+STOP_TIMEOUT_S = 15.0
+RECENT_LATENCIES = 5000
+HTTP_TIMEOUT_S = 10.0
+
+
+def pid_list(text: str) -> list[int]:
+    try:
+        pids = [int(p) for p in text.split(",") if p.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma list of PIDs: {text!r}") from None
+    if not pids:
+        raise argparse.ArgumentTypeError("no PID given")
+    return pids
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="flood",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add = parser.add_argument
+    add("--scenario", choices=("idle", "unicast"), default="idle", help="what to measure")
+    add("--clients", type=int, default=1000, help="connections to open (default 1000)")
+    add("--transport", choices=("ws", "tcp"), default="ws", help="client transport (default ws)")
+    add(
+        "--encoding",
+        choices=("msgpack", "json"),
+        default="msgpack",
+        help="WebSocket payloads: binary msgpack (im.v1.msgpack) or text JSON (im.v1.json); "
+        "TCP is always msgpack",
+    )
+    add(
+        "--targets",
+        default=None,
+        help="comma list of room addresses (ws://HOST:PORT/PATH or tcp://HOST:PORT); "
+        "client i uses address i %% count. Default: --rooms instances from --base-port",
+    )
+    add("--rooms", type=int, default=1, help="room instances for the default targets (default 1)")
+    add(
+        "--base-port",
+        type=int,
+        default=8090,
+        help="room i serves WebSocket on BASE+2i and TCP on BASE+1+2i (default 8090)",
+    )
+    add("--host", default="127.0.0.1", help="host of the default targets (default 127.0.0.1)")
+    add(
+        "--procs",
+        type=int,
+        default=2,
+        help="client worker processes; clients are split evenly among them (default 2)",
+    )
+    add(
+        "--sources",
+        type=int,
+        default=16,
+        help="distinct loopback source addresses to bind (127.0.i//250.i%%250+2), so large "
+        "counts do not exhaust one address's ephemeral ports; 0 binds none; used only "
+        "when the targets are on 127.x (default 16)",
+    )
+    add(
+        "--connect-rate",
+        type=float,
+        default=0.0,
+        help="cap on new connections per second, all workers together; 0 = no cap, only "
+        f"{clients.MAX_PENDING_CONNECTS} connects in flight per worker (default 0)",
+    )
+    add(
+        "--connect-timeout",
+        type=float,
+        default=60.0,
+        help="seconds after the last connect attempt to wait for every client to be online; "
+        "the rest count as failed (default 60)",
+    )
+    add("--duration", type=float, default=10.0, help="idle: hold time; unicast: push time (s)")
+    add("--rate", type=float, default=100.0, help="unicast: pushes per second (default 100)")
+    add(
+        "--http-concurrency",
+        type=int,
+        default=64,
+        help="unicast: most push API calls in flight (keep-alive connections) (default 64)",
+    )
+    add(
+        "--grace",
+        type=float,
+        default=5.0,
+        help="unicast: seconds after the last API answer to wait for deliveries; an accepted "
+        "push not received by then is lost (default 5)",
+    )
+    add("--type", default="chat", help="unicast: message type (default chat)")
+    add("--pri", choices=("high", "normal", "low"), default="high", help="unicast priority")
+    add(
+        "--settle",
+        type=float,
+        default=2.0,
+        help="seconds to wait after all clients are online before sampling memory (default 2)",
+    )
+    add(
+        "--ping-interval",
+        type=float,
+        default=None,
+        help="seconds between a client's heartbeat pings; default: the hb of auth_ok",
+    )
+    add("--no-auth", action="store_true", help="connect and hold without auth (any WS server)")
+    add("--config", default=None, help="products TOML for tokens (default: the dev product)")
+    add("--product", default="demo", help="product the clients authenticate to (default demo)")
+    add("--api-key", default=None, help="center Bearer key (default: the product's api_key)")
+    add("--center", default="http://127.0.0.1:8080", help="center base URL")
+    add(
+        "--register-port",
+        type=int,
+        default=8070,
+        help="register RPC port on this host, only to find its process for CPU (default 8070)",
+    )
+    add(
+        "--room-pids",
+        type=pid_list,
+        default=None,
+        help="comma list of room PIDs to measure; default: the processes listening on the "
+        "target ports",
+    )
+    add("--uid-prefix", default=None, help="uids are PREFIX0..PREFIXN-1 (default random)")
+    add("--json", default=None, metavar="FILE", help="also write the JSON summary to FILE")
+    args = parser.parse_args(argv)
+    if args.clients < 1:
+        parser.error("--clients must be at least 1")
+    if args.procs < 1:
+        parser.error("--procs must be at least 1")
+    if args.rooms < 1:
+        parser.error("--rooms must be at least 1")
+    if args.transport == "tcp" and args.encoding == "json":
+        parser.error("--encoding json is for WebSocket; TCP frames carry msgpack")
+    if args.scenario == "unicast":
+        if args.no_auth:
+            parser.error("unicast needs authenticated clients; drop --no-auth")
+        if args.rate <= 0 or args.duration <= 0:
+            parser.error("unicast needs a positive --rate and --duration")
+    if args.http_concurrency < 1:
+        parser.error("--http-concurrency must be at least 1")
+    args.procs = min(args.procs, args.clients)
+    return args
+
+
+def targets_of(args: argparse.Namespace) -> tuple[Target, ...]:
+    if args.targets:
+        return tuple(Target.parse(t.strip(), args.transport) for t in args.targets.split(","))
+    ports = [args.base_port + 2 * i + (args.transport == "tcp") for i in range(args.rooms)]
+    path = "/ws" if args.transport == "ws" else ""
+    return tuple(Target(args.transport, args.host, port, path) for port in ports)
+
+
+def sources_of(count: int, targets: Sequence[Target]) -> tuple[str, ...]:
+    if count <= 0 or not all(t.host.startswith("127.") for t in targets):
+        return ()
+    return tuple(f"127.0.{i // 250}.{i % 250 + 2}" for i in range(count))
+
+
+# -- the processes we measure ------------------------------------------------------------
+
+
+class Watched:
+    """Processes whose memory and CPU we sample, by role (room, center, register, flood)."""
+
+    def __init__(self, rooms: list[int], center: list[int], register: list[int]) -> None:
+        self.roles = {"room": rooms, "center": center, "register": register}
+
+    def cpu(self) -> dict[str, tuple[float, float]]:
+        """(user, system) CPU seconds per role, summed over its processes."""
+        totals = {}
+        for role, pids in self.roles.items():
+            user = system = 0.0
+            for pid in pids:
+                with contextlib.suppress(OSError):
+                    u, s = procstat.cpu_times(pid)
+                    user, system = user + u, system + s
+            totals[role] = (user, system)
+        return totals
+
+    def room_rss(self) -> dict[int, int]:
+        """Min of a few samples per room process: a transient allocation is not a cost."""
+        best: dict[int, int] = {}
+        for n in range(RSS_SAMPLES):
+            if n:
+                time.sleep(RSS_SAMPLE_GAP_S)
+            for pid in self.roles["room"]:
+                with contextlib.suppress(OSError):
+                    rss = procstat.rss_bytes(pid)
+                    best[pid] = min(rss, best.get(pid, rss))
+        return best
+
+
+def find_watched(args: argparse.Namespace, targets: Sequence[Target]) -> Watched:
+    if args.room_pids:
+        rooms = args.room_pids
+    else:
+        rooms = []
+        for target in targets:
+            owners = procstat.pids_listening(target.port)
+            if len(owners) > 1:
+                # SO_REUSEPORT lets a stale process share the port and take connections.
+                print(
+                    f"flood: warning: processes {owners} all listen on port {target.port}",
+                    file=sys.stderr,
+                )
+            rooms += [pid for pid in owners if pid not in rooms]
+    center_port = urlsplit(args.center).port or 80
+    center = [p for p in procstat.pids_listening(center_port) if p not in rooms]
+    register = [p for p in procstat.pids_listening(args.register_port) if p not in rooms]
+    return Watched(rooms, center, register)
+
+
+# -- the worker fleet --------------------------------------------------------------------
+
+
+class Arrivals:
+    """Receipts of numbered pushes: count per sequence number and first-arrival latency."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.count = bytearray(total)
+        self.latency_ns = array("q", bytes(8 * total))
+        self.delivered = 0
+        self.arrivals = 0
+        self.stray = 0  # numbers outside this run's range
+        self.recent: deque[int] = deque(maxlen=RECENT_LATENCIES)
+
+    def add(self, seqs: list[int], lats: list[int]) -> None:
+        count = self.count
+        for seq, lat in zip(seqs, lats, strict=True):
+            self.arrivals += 1
+            if not 0 <= seq < self.total:
+                self.stray += 1
+                continue
+            seen = count[seq]
+            if not seen:
+                self.delivered += 1
+                self.latency_ns[seq] = lat
+                self.recent.append(lat)
+            if seen < 255:
+                count[seq] = seen + 1
+
+
+class Fleet:
+    """The worker processes, their latest counts, and what they received."""
+
+    def __init__(self, specs: list[WorkerSpec], arrivals: Arrivals) -> None:
+        context = multiprocessing.get_context("fork")
+        self.arrivals = arrivals
+        self.counts: dict[int, dict[str, Any]] = {}
+        self.ready: dict[int, dict[str, Any]] = {}
+        self.final: dict[int, dict[str, Any]] = {}
+        self.dead: set[int] = set()  # workers whose pipe closed
+        self.pipes: list[Connection] = []
+        self.processes: list[multiprocessing.process.BaseProcess] = []
+        for spec in specs:
+            ours, theirs = context.Pipe()
+            process = context.Process(
+                target=clients.worker_main, args=(spec, theirs), name=f"flood-{spec.worker}"
+            )
+            process.daemon = True
+            process.start()
+            theirs.close()
+            self.pipes.append(ours)
+            self.processes.append(process)
+        self.changed = asyncio.Event()
+
+    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        for worker, pipe in enumerate(self.pipes):
+            loop.add_reader(pipe.fileno(), self._readable, loop, worker, pipe)
+
+    def _readable(self, loop: asyncio.AbstractEventLoop, worker: int, pipe: Connection) -> None:
+        try:
+            while pipe.poll():
+                kind, _, counts, seqs, lats, extra = pipe.recv()
+                self.counts[worker] = counts
+                self.arrivals.add(seqs, lats)
+                if kind == "ready":
+                    self.ready[worker] = extra
+                elif kind == "final":
+                    self.final[worker] = extra
+        except (EOFError, OSError):
+            loop.remove_reader(pipe.fileno())
+            self.dead.add(worker)
+        self.changed.set()
+
+    def all_ready(self) -> bool:
+        return len(self.ready.keys() | self.dead) >= len(self.pipes)
+
+    def all_final(self) -> bool:
+        return len(self.final.keys() | self.dead) >= len(self.pipes)
+
+    def total(self, key: str) -> int:
+        return sum(c.get(key, 0) for c in self.counts.values())
+
+    def errors(self) -> dict[str, int]:
+        merged: Counter[str] = Counter()
+        for counts in self.counts.values():
+            merged.update(counts.get("errors", {}))
+        return dict(merged.most_common())
+
+    async def wait(self, done: Callable[[], bool], timeout: float | None = None) -> bool:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not done():
+            self.changed.clear()
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return False
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.changed.wait(), left)
+        return True
+
+    async def stop(self) -> None:
+        for pipe in self.pipes:
+            with contextlib.suppress(OSError):
+                pipe.send("stop")
+        await self.wait(self.all_final, STOP_TIMEOUT_S)
+        for process in self.processes:
+            process.join(1.0)
+            if process.is_alive():
+                process.terminate()
+                process.join(1.0)
+
+
+# -- pushing -----------------------------------------------------------------------------
+
+
+class Pusher:
+    """Paced unicast pushes through center's HTTP API, each to one random online uid."""
+
+    def __init__(self, args: argparse.Namespace, api_key: str, uids: list[str]) -> None:
+        self.args = args
+        self.uids = uids
+        self.total = round(args.rate * args.duration)
+        self.online = array("i", [-1]) * self.total  # center's answer per push; -1 = none
+        self.sent = 0
+        self.answered = 0
+        self.offline = 0
+        self.errors: Counter[str] = Counter()
+        self.max_lag_s = 0.0
+        self.send_seconds = 0.0
+        self.url = args.center.rstrip("/") + "/v1/push/users"
+        self.headers = {"Authorization": f"Bearer {api_key}", "Content-Type": "application/json"}
+        self._slots = asyncio.Semaphore(args.http_concurrency)
+        self._rng = random.Random()
+
+    async def _one(self, session: aiohttp.ClientSession, seq: int) -> None:
+        args = self.args
+        try:
+            uid = self._rng.choice(self.uids)
+            body = {"seq": seq, "t": time.time_ns()}
+            payload = {"uids": [uid], "type": args.type, "pri": args.pri, "qos": 0, "body": body}
+            async with session.post(
+                self.url, data=orjson.dumps(payload), headers=self.headers
+            ) as response:
+                data = await response.read()
+                if response.status != 200:
+                    self._error(f"HTTP {response.status}: {data[:120].decode(errors='replace')}")
+                    return
+                answer = orjson.loads(data)
+                online = answer.get("online") if isinstance(answer, dict) else None
+                if not isinstance(online, int):
+                    self._error(f"answer without an 'online' count: {data[:120]!r}")
+                    return
+                self.online[seq] = online
+                self.answered += 1
+                if online == 0:
+                    self.offline += 1
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            self._error(f"{type(exc).__name__}: {str(exc)[:120]}")
+        finally:
+            self._slots.release()
+
+    def _error(self, reason: str) -> None:
+        if reason in self.errors or len(self.errors) < clients.MAX_ERROR_KINDS:
+            self.errors[reason] += 1
+        else:
+            self.errors["other errors"] += 1
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        timeout = aiohttp.ClientTimeout(total=HTTP_TIMEOUT_S)
+        connector = aiohttp.TCPConnector(limit=self.args.http_concurrency)
+        tasks: set[asyncio.Task] = set()
+        async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+            start = loop.time()
+            for seq in range(self.total):
+                due = start + seq / self.args.rate
+                now = loop.time()
+                if due > now:
+                    await asyncio.sleep(due - now)
+                await self._slots.acquire()
+                self.max_lag_s = max(self.max_lag_s, loop.time() - due)
+                task = loop.create_task(self._one(session, seq))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+                self.sent += 1
+            self.send_seconds = loop.time() - start
+            if tasks:
+                await asyncio.wait(tasks)
+
+    @property
+    def expected(self) -> int:
+        """Pushes center accepted for at least one online session."""
+        return sum(1 for n in self.online if n > 0)
+
+
+# -- reporting ---------------------------------------------------------------------------
+
+
+def percentile(sorted_values: Sequence[int], q: float) -> int:
+    """Nearest-rank percentile of already-sorted values."""
+    if not sorted_values:
+        return 0
+    rank = max(1, math.ceil(q * len(sorted_values)))
+    return sorted_values[rank - 1]
+
+
+class Progress:
+    def __init__(self, fleet: Fleet, clients_total: int) -> None:
+        self.fleet = fleet
+        self.clients_total = clients_total
+        self.pusher: Pusher | None = None
+        self.start = time.monotonic()
+        self.tty = sys.stderr.isatty()
+
+    def line(self) -> str:
+        fleet = self.fleet
+        text = (
+            f"[{time.monotonic() - self.start:6.1f}s] "
+            f"connected {fleet.total('connected')}/{self.clients_total} "
+            f"online {fleet.total('online')} failed {fleet.total('failed')} "
+            f"dropped {fleet.total('dropped')}"
+        )
+        pusher = self.pusher
+        if pusher is not None:
+            recent = sorted(fleet.arrivals.recent)
+            p99 = percentile(recent, 0.99) / 1e6
+            text += (
+                f" | sent {pusher.sent} answered {pusher.answered} "
+                f"delivered {fleet.arrivals.delivered} p99 {p99:.1f} ms"
+            )
+        return text
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            end = "\r" if self.tty else "\n"
+            print(self.line(), end=end, file=sys.stderr, flush=True)
+
+
+def _proc_field(path: str, key: str) -> str:
+    """The value after `key:` in a /proc text file, or "" if absent."""
+    with contextlib.suppress(OSError):
+        for line in Path(path).read_text().splitlines():
+            if line.startswith(key):
+                return line.split(":", 1)[1].strip()
+    return ""
+
+
+def machine() -> dict[str, Any]:
+    mem_total = _proc_field("/proc/meminfo", "MemTotal")
+    return {
+        "cpu_count": os.cpu_count(),
+        "cpu_model": _proc_field("/proc/cpuinfo", "model name"),
+        "memory_bytes": int(mem_total.split()[0]) * 1024 if mem_total else 0,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "uvloop": uvloop.__version__,
+    }
+
+
+def table(summary: dict[str, Any]) -> str:
+    rows: list[tuple[str, str]] = [
+        ("scenario", f"{summary['scenario']} ({summary['transport']}, {summary['encoding']})"),
+        ("targets", ", ".join(summary["targets"])),
+        ("connections", f"{summary['connections']} online, {summary['connect_failed']} failed"),
+        ("connect time", f"{summary['connect_seconds']:.2f} s"),
+        ("new conns/s", f"{summary['new_conn_per_s']:.0f}"),
+        ("dropped later", str(summary["dropped"])),
+    ]
+    per_conn = summary["room_rss_bytes_per_conn"]
+    if per_conn is not None:
+        rows.append(("room RSS/conn", f"{per_conn:.0f} B ({per_conn / 1024:.2f} KiB)"))
+    client_rss = summary["client_rss_bytes_per_conn"]
+    if client_rss is not None:
+        rows.append(("client RSS/conn", f"{client_rss:.0f} B (flood workers)"))
+    for role, percent in summary["idle_cpu_percent"].items():
+        rows.append((f"{role} CPU idle", f"{percent:.1f} % of a core while holding"))
+    if summary["scenario"] == "unicast":
+        lat = summary["latency_ms"]
+        rows += [
+            ("sent", f"{summary['sent']} ({summary['send_rate']:.0f}/s achieved)"),
+            ("accepted online", str(summary["accepted_online"])),
+            ("offline answers", str(summary["offline"])),
+            ("HTTP errors", str(summary["http_errors"])),
+            ("delivered", str(summary["delivered"])),
+            ("lost", str(summary["lost"])),
+            ("duplicates", str(summary["duplicates"])),
+            ("latency ms", f"p50 {lat['p50']:.2f}  p99 {lat['p99']:.2f}  max {lat['max']:.2f}"),
+        ]
+        for role, spent in summary["cpu_seconds"].items():
+            total = spent["user"] + spent["system"]
+            share = 100 * spent["system"] / total if total else 0.0
+            value = summary.get(f"{role}_cpu_us_per_msg")
+            if value is not None:
+                rows.append((f"{role} CPU/msg", f"{value:.1f} us ({share:.0f} % in the kernel)"))
+    if summary["errors"]:
+        rows.append(("errors", "; ".join(f"{k} x{v}" for k, v in summary["errors"].items())))
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+
+
+# -- the run -----------------------------------------------------------------------------
+
+
+def plan_workers(
+    args: argparse.Namespace, targets: tuple[Target, ...], product: Any, prefix: str
+) -> list[WorkerSpec]:
+    specs = []
+    per, extra = divmod(args.clients, args.procs)
+    first = 0
+    for worker in range(args.procs):
+        count = per + (worker < extra)
+        specs.append(
+            WorkerSpec(
+                worker=worker,
+                indices=range(first, first + count),
+                targets=targets,
+                sources=sources_of(args.sources, targets),
+                json=args.encoding == "json",
+                auth=not args.no_auth,
+                product=product,
+                uid_prefix=prefix,
+                connect_rate=args.connect_rate / args.procs,
+                connect_timeout=args.connect_timeout,
+                ping_interval=args.ping_interval,
+            )
+        )
+        first += count
+    return specs
+
+
+async def drive(
+    args: argparse.Namespace,
+    fleet: Fleet,
+    watched: Watched,
+    api_key: str,
+    prefix: str,
+    summary: dict[str, Any],
+) -> None:
+    loop = asyncio.get_running_loop()
+    fleet.attach(loop)
+    progress = Progress(fleet, args.clients)
+    ticker = loop.create_task(progress.run())
+    try:
+        await fleet.wait(fleet.all_ready)
+        ready = list(fleet.ready.values())
+        online = sorted(i for r in ready for i in r.get("online", []))
+        start = min((r["first_start"] for r in ready if r.get("first_start")), default=0.0)
+        end = max((r["last_online"] for r in ready if r.get("last_online")), default=0.0)
+        connect_seconds = max(end - start, 0.0) if online else 0.0
+        summary.update(
+            connections=len(online),
+            connect_failed=args.clients - len(online),
+            connect_seconds=connect_seconds,
+            new_conn_per_s=len(online) / connect_seconds if connect_seconds else 0.0,
+        )
+        client_rss = sum(r.get("rss_delta", 0) for r in ready)
+        if online:
+            summary["client_rss_bytes_per_conn"] = client_rss / len(online)
+        await asyncio.sleep(args.settle)
+        after = await loop.run_in_executor(None, watched.room_rss)
+        summary["room_rss_after"] = after
+        before = summary["room_rss_before"]
+        if online and before and after:
+            delta = sum(after[pid] - before[pid] for pid in after if pid in before)
+            summary["room_rss_bytes_per_conn"] = delta / len(online)
+        if args.scenario == "idle":
+            hold = max(0.0, args.duration - args.settle)
+            cpu_start = watched.cpu()
+            await asyncio.sleep(hold)
+            cpu_end = watched.cpu()
+            # What merely holding the connections costs: heartbeats, sweeps, renewals.
+            spent = cpu_spent(watched, cpu_start, cpu_end)
+            summary["idle_cpu_percent"] = {
+                role: 100 * (user + system) / hold if hold else 0.0
+                for role, (user, system) in spent.items()
+            }
+            summary["room_rss_end"] = await loop.run_in_executor(None, watched.room_rss)
+        elif online:
+            await unicast(
+                args, fleet, watched, api_key, [f"{prefix}{i}" for i in online], summary, progress
+            )
+        else:
+            summary["errors"]["no client came online"] = 1
+        summary["dropped"] = fleet.total("dropped")
+        summary["online_end"] = fleet.total("online")
+    finally:
+        ticker.cancel()
+        if progress.tty:
+            print(file=sys.stderr)
+        summary["errors"].update(fleet.errors())
+        await fleet.stop()
+
+
+def cpu_spent(
+    watched: Watched,
+    start: dict[str, tuple[float, float]],
+    end: dict[str, tuple[float, float]],
+) -> dict[str, tuple[float, float]]:
+    """(user, system) seconds per role between two samples, for roles with a process."""
+    return {
+        role: (end[role][0] - start[role][0], end[role][1] - start[role][1])
+        for role, pids in watched.roles.items()
+        if pids
+    }
+
+
+async def unicast(
+    args: argparse.Namespace,
+    fleet: Fleet,
+    watched: Watched,
+    api_key: str,
+    uids: list[str],
+    summary: dict[str, Any],
+    progress: Progress,
+) -> None:
+    pusher = Pusher(args, api_key, uids)
+    progress.pusher = pusher
+    arrivals = fleet.arrivals
+    cpu_start = watched.cpu()
+    await pusher.run()
+    expected = pusher.expected
+    await fleet.wait(
+        lambda: (
+            sum(1 for s, n in enumerate(pusher.online) if n > 0 and arrivals.count[s]) >= expected
+        ),
+        args.grace,
+    )
+    cpu_end = watched.cpu()
+    lost = sum(1 for s, n in enumerate(pusher.online) if n > 0 and not arrivals.count[s])
+    duplicates = sum(max(0, arrivals.count[s] - max(1, n)) for s, n in enumerate(pusher.online))
+    latencies = sorted(arrivals.latency_ns[s] for s in range(pusher.total) if arrivals.count[s])
+    delivered = arrivals.delivered
+    summary.update(
+        sent=pusher.sent,
+        send_rate=pusher.sent / pusher.send_seconds if pusher.send_seconds else 0.0,
+        send_lag_max_ms=pusher.max_lag_s * 1000,
+        answered=pusher.answered,
+        accepted_online=expected,
+        offline=pusher.offline,
+        http_errors=pusher.sent - pusher.answered,
+        delivered=delivered,
+        lost=lost,
+        duplicates=duplicates,
+        stray=arrivals.stray,
+        latency_ms={
+            "p50": percentile(latencies, 0.50) / 1e6,
+            "p90": percentile(latencies, 0.90) / 1e6,
+            "p99": percentile(latencies, 0.99) / 1e6,
+            "max": (latencies[-1] if latencies else 0) / 1e6,
+        },
+    )
+    summary["errors"].update(pusher.errors)
+    spent = cpu_spent(watched, cpu_start, cpu_end)
+    summary["cpu_seconds"] = {
+        role: {"user": user, "system": system} for role, (user, system) in spent.items()
+    }
+    for role, (user, system) in spent.items():
+        if delivered:
+            summary[f"{role}_cpu_us_per_msg"] = (user + system) / delivered * 1e6
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        targets = targets_of(args)
+        product = load_products(args.config).get(args.product)
+    except (ValueError, ConfigError) as exc:
+        print(f"flood: {exc}", file=sys.stderr)
+        return 2
+    if product is None:
+        print(f"flood: unknown product {args.product!r}", file=sys.stderr)
+        return 2
+    clients.raise_fd_limit()
+    prefix = args.uid_prefix if args.uid_prefix is not None else f"f{os.urandom(3).hex()}-"
+    watched = find_watched(args, targets)
+    if not watched.roles["room"]:
+        print(
+            "flood: no room process found on this host; memory and CPU not measured",
+            file=sys.stderr,
+        )
+    summary: dict[str, Any] = {
+        "scenario": args.scenario,
+        "transport": args.transport,
+        "encoding": "msgpack" if args.transport == "tcp" else args.encoding,
+        "auth": not args.no_auth,
+        "targets": [str(t) for t in targets],
+        "clients": args.clients,
+        "procs": args.procs,
+        "sources": len(sources_of(args.sources, targets)),
+        "duration": args.duration,
+        "rate": args.rate if args.scenario == "unicast" else None,
+        "connections": 0,
+        "connect_failed": args.clients,
+        "connect_seconds": 0.0,
+        "new_conn_per_s": 0.0,
+        "dropped": 0,
+        "online_end": 0,
+        "sent": 0,
+        "send_rate": 0.0,
+        "send_lag_max_ms": 0.0,
+        "answered": 0,
+        "accepted_online": 0,
+        "offline": 0,
+        "http_errors": 0,
+        "delivered": 0,
+        "lost": 0,
+        "duplicates": 0,
+        "stray": 0,
+        "latency_ms": {"p50": 0.0, "p90": 0.0, "p99": 0.0, "max": 0.0},
+        "room_pids": watched.roles["room"],
+        "center_pids": watched.roles["center"],
+        "register_pids": watched.roles["register"],
+        "room_rss_before": watched.room_rss(),
+        "room_rss_after": {},
+        "room_rss_end": {},
+        "room_rss_bytes_per_conn": None,
+        "client_rss_bytes_per_conn": None,
+        "room_cpu_us_per_msg": None,
+        "center_cpu_us_per_msg": None,
+        "register_cpu_us_per_msg": None,
+        "flood_cpu_us_per_msg": None,
+        "cpu_seconds": {},
+        "idle_cpu_percent": {},
+        "errors": Counter(),
+        "machine": machine(),
+        "command": shlex.join(["python3", *sys.argv] if argv is None else ["flood", *argv]),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    }
+    arrivals = Arrivals(round(args.rate * args.duration) if args.scenario == "unicast" else 0)
+    api_key = args.api_key if args.api_key is not None else product.api_key
+    fleet = Fleet(plan_workers(args, targets, product, prefix), arrivals)
+    # The tester's own cost, to show whether it, not the servers, was the limit.
+    watched.roles["flood"] = [os.getpid(), *(p.pid for p in fleet.processes if p.pid)]
+    uvloop.run(drive(args, fleet, watched, api_key, prefix, summary))
+    summary["errors"] = dict(summary["errors"].most_common())
+    print(table(summary))
+    document = orjson.dumps(summary, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS)
+    print(document.decode())
+    if args.json:
+        with open(args.json, "wb") as out:
+            out.write(document + b"\n")
+    return 0 if summary["connections"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
