@@ -41,7 +41,9 @@ class CenterServer:
     async def start(self) -> None:
         if self._runner is not None:
             raise RuntimeError("center is already started")
-        runner = web.AppRunner(self._app, shutdown_timeout=SHUTDOWN_GRACE_S)
+        # No per-request access log: at 1,000 pushes/s it costs ~100 us of CPU per push;
+        # im_center_http_requests_total counts every call instead.
+        runner = web.AppRunner(self._app, shutdown_timeout=SHUTDOWN_GRACE_S, access_log=None)
         await runner.setup()
         try:
             await web.TCPSite(runner, self.config.host, self.config.port).start()

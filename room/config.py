@@ -27,6 +27,13 @@ class RoomConfig:
     rpc_port: int | None = field(
         default=None, metadata={"help": "internal RPC port for center (0 = any free port)"}
     )
+    reuse_port: bool = field(
+        default=False,
+        metadata={
+            "help": "share the ports with other instances (SO_REUSEPORT); off, so a "
+            "stale process on the port is an error instead of a silent split"
+        },
+    )
     ws_path: str = field(default="/ws", metadata={"help": "WebSocket path"})
     advertise_host: str | None = field(
         default=None, metadata={"help": "host published in the node table (default: --host)"}

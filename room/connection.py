@@ -118,7 +118,9 @@ class Connection(asyncio.Protocol):
         frames = queue.drain(MAX_WRITE_BATCH)
         self.transport.writelines(frames)  # type: ignore[union-attr]
         self.gateway.stats.frames_out += len(frames)
-        if queue and not self.paused:
+        if not queue:
+            self.queue = None  # most connections are idle between pushes: hold nothing
+        elif not self.paused:
             self.gateway.mark_dirty(self)
 
     def send_now(self, frame: bytes) -> None:

@@ -236,11 +236,13 @@ class Gateway:
 
     async def renew(self) -> None:
         """Re-send every session and the node lease; also refills a register that lost them."""
-        sessions = [self._session(c) for c in list(self.conns.values())]
+        conns = list(self.conns.values())
         size = self.config.register_batch
-        for i in range(0, len(sessions), size):
+        for i in range(0, len(conns), size):
+            # Sessions are built one batch at a time: 10,000 at once would be a memory spike.
+            batch = [self._session(c) for c in conns[i : i + size] if c.state == ONLINE]
             await self._store_call(
-                self.store.put_sessions(sessions[i : i + size], self.config.session_ttl_s), "renew"
+                self.store.put_sessions(batch, self.config.session_ttl_s), "renew"
             )
 
     async def renew_node(self) -> None:

@@ -45,10 +45,18 @@ class RoomServer:
         cfg = self.config
         gateway = self.gateway
         ws_server = await loop.create_server(
-            lambda: WsConnection(gateway), cfg.host, cfg.ws_port, backlog=BACKLOG, reuse_port=True
+            lambda: WsConnection(gateway),
+            cfg.host,
+            cfg.ws_port,
+            backlog=BACKLOG,
+            reuse_port=cfg.reuse_port,
         )
         tcp_server = await loop.create_server(
-            lambda: TcpConnection(gateway), cfg.host, cfg.tcp_port, backlog=BACKLOG, reuse_port=True
+            lambda: TcpConnection(gateway),
+            cfg.host,
+            cfg.tcp_port,
+            backlog=BACKLOG,
+            reuse_port=cfg.reuse_port,
         )
         self._servers = [ws_server, tcp_server]
         ws_port = _bound_port(ws_server)
