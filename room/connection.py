@@ -27,6 +27,7 @@ OPENING, AUTH_WAIT, AUTHING, ONLINE, CLOSED = range(5)
 TCP, WS_MSGPACK, WS_JSON = "tcp", "ws_msgpack", "ws_json"
 
 MAX_WRITE_BATCH = 256 * 1024
+CLOSE_GRACE_S = 2.0
 
 
 class Connection(asyncio.Protocol):
@@ -129,13 +130,23 @@ class Connection(asyncio.Protocol):
         self.flush()
 
     def close(self, code: ErrorCode, reason: str) -> None:
-        """Tell the client why (error frame, or WebSocket close frame) and close."""
-        if self.state == CLOSED or self.transport is None:
+        """Tell the client why (error frame, or WebSocket close frame) and close.
+
+        A client that does not read would keep a graceful close waiting on its buffer
+        forever, so the transport is aborted if it has not gone after a short grace.
+        """
+        transport = self.transport
+        if self.state == CLOSED or transport is None:
             return
-        self.flush()
-        self.transport.write(self.closing_bytes(code, reason))
+        if code != ErrorCode.SLOW_CONSUMER:  # a slow consumer's queue is what overflowed
+            self.flush()
+        self.queue = None
+        self.dirty = False
         self.state = CLOSED
-        self.transport.close()
+        transport.write(self.closing_bytes(code, reason))
+        transport.close()
+        if transport.get_write_buffer_size():
+            asyncio.get_running_loop().call_later(CLOSE_GRACE_S, transport.abort)
 
     def closing_bytes(self, code: ErrorCode, reason: str) -> bytes:
         return self.gateway.encode_for(self.kind, ProtocolError(code, reason).to_map())

@@ -119,6 +119,7 @@ class Gateway:
         self.stats.closes[int(code)] += 1
         log.debug("closing %s (%s): %d %s", conn.conn_id or "-", conn.uid or "-", code, reason)
         conn.close(code, reason)
+        self.closed(conn)  # forget it now: the socket may take a while to go
 
     def sweep(self) -> None:
         """Close connections past their auth deadline or silent for too many heartbeats."""
@@ -218,6 +219,8 @@ class Gateway:
                     continue
                 conn.state = ONLINE
                 conn.deadline = now + conn.hb * self.config.missed_heartbeats
+                self.wheel.discard(conn)  # the heartbeat deadline may be sooner than auth's
+                self.wheel.add(conn)
                 self.stats.auth_ok += 1
                 conn.send_now(
                     self.encode_for(

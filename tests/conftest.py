@@ -1,3 +1,3 @@
 """Shared fixtures: real servers on free loopback ports, never mocks."""
 
-pytest_plugins = ["tests.fixtures.redis_server"]
+pytest_plugins = ["tests.fixtures.redis_server", "tests.fixtures.system"]
