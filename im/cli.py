@@ -51,12 +51,13 @@ def _up(argv: Sequence[str]) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = ["up", "token", *SERVICES]
+    commands = ["up", "token", "switch", *SERVICES]
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
         print(
-            "usage: im {up,token,room,center,register} [options]\n\n"
+            "usage: im {up,token,switch,room,center,register} [options]\n\n"
             "  up        start register, center and room instances (embedded engines by default)\n"
             "  token     print a client token for a product and uid\n"
+            "  switch    get or set the live switches (big rooms, budgets, IDC limits)\n"
             "  room      run one room gateway instance\n"
             "  center    run the business HTTP API\n"
             "  register  run the session register\n\n"
@@ -69,6 +70,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _up(rest)
     if command == "token":
         return _token(rest)
+    if command == "switch":
+        from im.switch_cli import main as switch
+
+        return switch(rest)
     importlib.import_module(SERVICES[command]).main(rest)
     return 0
 

@@ -1,4 +1,6 @@
-"""Products (the apps that use the gateway) from a TOML file.
+"""Products (the apps that use the gateway) and the operators' key, from a TOML file.
+
+admin_key = "..."     # operators' key for /v1/admin (switches); never a business key
 
 [products.demo]
 secret = "..."        # signs client tokens (HS256 JWT)
@@ -19,6 +21,7 @@ log = logging.getLogger("im.config")
 
 DEV_PRODUCT = "demo"
 DEV_SECRET = "dev"
+DEV_ADMIN_KEY = "dev-admin"
 #: RFC 7518 3.2: an HS256 key must be at least as long as the hash.
 MIN_BYTES = {"secret": 32, "api_key": 16}
 CONFIG_ENV = "IM_CONFIG"
@@ -64,7 +67,30 @@ def _product(name: str, table: Any) -> Product:
     return Product(name, fields["secret"], fields["api_key"], webhook)
 
 
+def _read(path: str | os.PathLike) -> dict[str, Any]:
+    try:
+        return tomllib.loads(Path(path).read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config {path} is not valid TOML: {exc}") from None
+
+
+def load_admin_key(path: str | os.PathLike | None) -> str:
+    """The operators' key from the top of the config; the development key without one."""
+    path = path or os.environ.get(CONFIG_ENV)
+    if not path:
+        return DEV_ADMIN_KEY
+    key = _read(path).get("admin_key")
+    if not isinstance(key, str) or len(key.encode()) < MIN_BYTES["api_key"]:
+        raise ConfigError(f"admin_key must be a string of at least {MIN_BYTES['api_key']} bytes")
+    return key
+
+
 def parse_products(document: dict[str, Any]) -> dict[str, Product]:
+    unknown = set(document) - {"products", "admin_key"}
+    if unknown:
+        raise ConfigError(f"unknown top-level keys: {', '.join(sorted(unknown))}")
     products = document.get("products")
     if not isinstance(products, dict) or not products:
         raise ConfigError("the config needs at least one [products.NAME] table")
@@ -82,10 +108,4 @@ def load_products(path: str | os.PathLike | None) -> dict[str, Product]:
             DEV_SECRET,
         )
         return dev_products()
-    try:
-        document = tomllib.loads(Path(path).read_text())
-    except OSError as exc:
-        raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"config {path} is not valid TOML: {exc}") from None
-    return parse_products(document)
+    return parse_products(_read(path))

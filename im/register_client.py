@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from im.rpc import RpcClient, RpcError
-from im.sessions import Node, Session
+from im.sessions import Node, RoomCount, Session
 
 NAME = "register"
 
@@ -42,6 +42,13 @@ class RegisterClient:
         found = await self._call("sessions.lookup", [product, list(uids)])
         return {uid: [Session.from_wire(s) for s in rows] for uid, rows in found.items()}
 
+    async def put_rooms(self, instance: str, rooms: Sequence[RoomCount], ttl: float) -> None:
+        if rooms:
+            await self._call("rooms.put", [instance, list(rooms), ttl])
+
+    async def room_instances(self, product: str, room: str) -> dict[str, int]:
+        return await self._call("rooms.instances", [product, room])
+
     async def put_node(self, node: Node, ttl: float) -> None:
         await self._call("nodes.put", [node.to_wire(), ttl])
 
@@ -50,6 +57,13 @@ class RegisterClient:
 
     async def nodes(self) -> list[Node]:
         return [Node.from_wire(n) for n in await self._call("nodes.list")]
+
+    async def get_switches(self, known_version: int = 0) -> tuple[int, dict] | None:
+        found = await self._call("switches.get", known_version)
+        return None if found is None else (int(found[0]), found[1])
+
+    async def put_switches(self, document: dict) -> int:
+        return int(await self._call("switches.put", document))
 
     async def close(self) -> None:
         await self._rpc.close()

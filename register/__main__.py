@@ -10,14 +10,17 @@ from register.config import RegisterConfig, add_arguments, from_args
 from register.server import RegisterServer
 
 
-def open_store(config: RegisterConfig):
+def open_stores(config: RegisterConfig):
+    """The session store and the switches store, on the same engine."""
     if config.redis:
         from register.engines.redis import RedisStore
+        from register.engines.switches_redis import RedisSwitchStore
 
-        return RedisStore(config.redis)
+        return RedisStore(config.redis), RedisSwitchStore(config.redis)
     from register.engines.memory import MemoryStore
+    from register.engines.switches_memory import MemorySwitchStore
 
-    return MemoryStore()
+    return MemoryStore(), MemorySwitchStore()
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -26,7 +29,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     config = from_args(parser.parse_args(argv))
 
     async def start() -> RegisterServer:
-        server = RegisterServer(config, open_store(config))
+        server = RegisterServer(config, *open_stores(config))
         await server.start()
         return server
 

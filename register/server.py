@@ -10,7 +10,9 @@ from aiohttp import web
 from im.metrics import CONTENT_TYPE_LATEST, exposition
 from im.rpc import Handler, RpcError, RpcServer
 from im.sessions import Node, Session, SessionStore
+from im.switches import SwitchError, SwitchStore, parse_switches
 from register.config import RegisterConfig
+from register.engines.switches_memory import MemorySwitchStore
 
 log = logging.getLogger("im.register")
 
@@ -37,16 +39,23 @@ def _refusing_bad_values(handler: Handler) -> Handler:
 
 
 class RegisterServer:
-    def __init__(self, config: RegisterConfig, store: SessionStore) -> None:
+    def __init__(
+        self, config: RegisterConfig, store: SessionStore, switches: SwitchStore | None = None
+    ) -> None:
         self.config = config
         self.store = store
+        self.switches = switches if switches is not None else MemorySwitchStore()
         handlers = {
             "sessions.put": self._put,
             "sessions.remove": self._remove,
             "sessions.lookup": self._lookup,
+            "rooms.put": self._put_rooms,
+            "rooms.instances": self._room_instances,
             "nodes.put": self._put_node,
             "nodes.remove": self._remove_node,
             "nodes.list": self._nodes,
+            "switches.get": self._get_switches,
+            "switches.put": self._put_switches,
         }
         self.rpc = RpcServer(
             {name: _refusing_bad_values(fn) for name, fn in handlers.items()}, name="register"
@@ -74,6 +83,21 @@ class RegisterServer:
         if self._http is not None:
             await self._http.cleanup()
         await self.store.close()
+        await self.switches.close()
+
+    async def _get_switches(self, params: Any) -> list | None:
+        found = await self.switches.get_switches(int(params or 0))
+        return None if found is None else list(found)
+
+    async def _put_switches(self, params: Any) -> int:
+        if not isinstance(params, dict):
+            raise RpcError("bad_request", "switches.put takes the document (a map)")
+        # Validated here too: whatever path a document takes, the store holds only good ones.
+        try:
+            parse_switches(params)
+        except SwitchError as err:
+            raise RpcError("bad_request", str(err)) from None
+        return await self.switches.put_switches(params)
 
     async def _put(self, params: Any) -> None:
         rows, ttl = params
@@ -86,6 +110,14 @@ class RegisterServer:
         product, uids = params
         found = await self.store.lookup(product, uids)
         return {uid: [s.to_wire() for s in rows] for uid, rows in found.items()}
+
+    async def _put_rooms(self, params: Any) -> None:
+        instance, rows, ttl = params
+        await self.store.put_rooms(str(instance), rows, float(ttl))
+
+    async def _room_instances(self, params: Any) -> dict[str, int]:
+        product, room = params
+        return await self.store.room_instances(product, room)
 
     async def _put_node(self, params: Any) -> None:
         fields, ttl = params

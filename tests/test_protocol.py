@@ -88,6 +88,7 @@ def test_decoder_accepts_frame_of_exactly_the_limit():
 
 
 AUTH = {"op": "auth", "product": "demo", "uid": "alice", "token": "t"}
+PUSH = {"op": "push", "id": "m", "type": "chat", "pri": "high", "qos": 0, "ts": 1}
 
 
 @pytest.mark.parametrize(
@@ -105,6 +106,10 @@ AUTH = {"op": "auth", "product": "demo", "uid": "alice", "token": "t"}
         ({"op": "ack", "ids": "m1"}, ErrorCode.BAD_FIELD, "ids"),
         ({"op": "ack", "ids": ["m"] * 1001}, ErrorCode.BAD_FIELD, "ids"),
         ({"op": "ack", "ids": [""]}, ErrorCode.BAD_FIELD, "ids"),
+        ({"op": "join"}, ErrorCode.BAD_FIELD, "room"),
+        ({"op": "join", "room": ""}, ErrorCode.BAD_FIELD, "room"),
+        ({"op": "join", "room": "r" * 129}, ErrorCode.BAD_FIELD, "room"),
+        ({"op": "leave", "room": ["r1"]}, ErrorCode.BAD_FIELD, "room"),
     ],
 )
 def test_client_message_errors(message, code, mentions):
@@ -118,6 +123,8 @@ def test_client_messages_accepted_and_extra_fields_ignored():
     assert validate_client({**AUTH, "device": "", "future": [1]}) == "auth"
     assert validate_client({"op": "ping"}) == "ping"
     assert validate_client({"op": "ack", "ids": ["a", "b"]}) == "ack"
+    assert validate_client({"op": "join", "room": "r" * 128}) == "join"
+    assert validate_client({"op": "leave", "room": "直播间"}) == "leave"
 
 
 @given(
@@ -140,12 +147,48 @@ def test_push_survives_every_encoding_and_validates(pri, qos, body, encoding):
         {"op": "push", "id": "m", "type": "chat", "pri": "high", "qos": 2, "ts": 1},
         {"op": "push", "id": "m", "type": "chat", "pri": "high", "qos": True, "ts": 1},
         {"op": "auth_ok", "conn": "c"},
+        {**PUSH, "room": 5},
+        {"op": "joined", "room": "r1"},
+        {"op": "joined", "room": "r1", "members": -1},
+        {"op": "joined", "room": "r1", "members": True},
+        {"op": "left"},
+        {"op": "batch"},
+        {"op": "batch", "msgs": []},
+        {"op": "batch", "msgs": PUSH},
+        {"op": "batch", "msgs": [PUSH] * 1001},
     ],
 )
 def test_server_message_errors(message):
     with pytest.raises(ProtocolError) as info:
         validate_server(message)
     assert info.value.code is ErrorCode.BAD_FIELD
+
+
+@pytest.mark.parametrize(
+    ("item", "mentions"),
+    [
+        ({**PUSH, "pri": "urgent"}, "item 1: push: field 'pri'"),
+        ({**PUSH, "room": ""}, "item 1: push: field 'room'"),
+        ({k: v for k, v in PUSH.items() if k != "id"}, "item 1: push: missing field 'id'"),
+        ({**PUSH, "op": "batch"}, "item 1 must be a map with op 'push'"),
+        ({k: v for k, v in PUSH.items() if k != "op"}, "item 1 must be a map with op 'push'"),
+        (["push"], "item 1 must be a map"),
+    ],
+)
+def test_batch_checks_every_push(item, mentions):
+    with pytest.raises(ProtocolError) as info:
+        validate_server({"op": "batch", "msgs": [PUSH, item]})
+    assert info.value.code is ErrorCode.BAD_FIELD
+    assert info.value.reason.startswith("batch: field 'msgs' ")
+    assert mentions in info.value.reason
+
+
+def test_room_server_messages_accepted():
+    assert validate_server({**PUSH, "room": "r1"}) == "push"
+    assert validate_server({"op": "joined", "room": "r1", "members": 0}) == "joined"
+    assert validate_server({"op": "left", "room": "r1"}) == "left"
+    pushes = [{**PUSH, "id": f"m{i}", "room": "r1"} for i in range(1000)]
+    assert validate_server({"op": "batch", "msgs": pushes}) == "batch"
 
 
 def test_error_map_and_fatality():

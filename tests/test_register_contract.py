@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
+import msgpack
 import pytest
 import redis.asyncio as aioredis
 
@@ -182,6 +183,95 @@ async def test_non_positive_ttl_is_refused(store: SessionStore) -> None:
         await store.put_node(Node("room-1", "127.0.0.1:7001"), float("nan"))
 
 
+async def test_rooms_put_then_lookup(store: SessionStore) -> None:
+    await store.put_rooms("room-1", [("live", "r1", 3), ("live", "r2", 1)], TTL)
+    assert await store.room_instances("live", "r1") == {"room-1": 3}
+    assert await store.room_instances("live", "r2") == {"room-1": 1}
+    assert await store.room_instances("live", "r3") == {}
+    await store.put_rooms("room-1", [("live", "r1", 7)], TTL)
+    assert await store.room_instances("live", "r1") == {"room-1": 7}
+
+
+async def test_two_instances_in_one_room(store: SessionStore) -> None:
+    await store.put_rooms("room-1", [("live", "r1", 2)], TTL)
+    await store.put_rooms("room-2", [("live", "r1", 5)], TTL)
+    assert await store.room_instances("live", "r1") == {"room-1": 2, "room-2": 5}
+
+
+async def test_count_zero_removes_the_instance_from_the_room(store: SessionStore) -> None:
+    await store.put_rooms("room-1", [("live", "r1", 2)], TTL)
+    await store.put_rooms("room-2", [("live", "r1", 5)], TTL)
+    await store.put_rooms("room-1", [("live", "r1", 0), ("live", "never", 0)], TTL)
+    assert await store.room_instances("live", "r1") == {"room-2": 5}
+    assert await store.room_instances("live", "never") == {}
+    await store.put_rooms("room-2", [("live", "r1", 0)], TTL)
+    assert await store.room_instances("live", "r1") == {}
+
+
+async def test_room_entries_expire_unless_renewed(store: SessionStore) -> None:
+    await store.put_rooms("room-1", [("live", "r1", 2)], 0.4)
+    await store.put_rooms("room-2", [("live", "r1", 5)], 0.4)
+    await asyncio.sleep(0.25)
+    await store.put_rooms("room-2", [("live", "r1", 6)], 0.4)
+    await asyncio.sleep(0.25)
+    assert await store.room_instances("live", "r1") == {"room-2": 6}
+    await asyncio.sleep(0.25)
+    assert await store.room_instances("live", "r1") == {}
+
+
+async def test_rooms_of_different_products_are_separate(store: SessionStore) -> None:
+    await store.put_rooms("room-1", [("live", "r1", 2), ("chat", "r1", 4)], TTL)
+    assert await store.room_instances("live", "r1") == {"room-1": 2}
+    assert await store.room_instances("chat", "r1") == {"room-1": 4}
+    await store.put_rooms("room-1", [("chat", "r1", 0)], TTL)
+    assert await store.room_instances("live", "r1") == {"room-1": 2}
+    assert await store.room_instances("shop", "r1") == {}
+
+
+async def test_500_rooms_in_one_call(store: SessionStore) -> None:
+    rows = [("live", f"r{i}", i + 1) for i in range(500)]
+    await store.put_rooms("room-1", rows, TTL)
+    await store.put_rooms("room-2", rows[:250], TTL)
+    for _, room, count in rows[::50] + rows[-1:]:
+        expected = {"room-1": count} | ({"room-2": count} if count <= 250 else {})
+        assert await store.room_instances("live", room) == expected
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [
+        (("a:b", "c"), ("a", "b:c")),
+        (("{a", "b}"), ("{a:b}", "")),
+        (("直播", "房:1"), ("直播:房", "1")),
+    ],
+)
+async def test_odd_room_names_do_not_collide(
+    store: SessionStore, first: tuple[str, str], second: tuple[str, str]
+) -> None:
+    await store.put_rooms("room-1", [(*first, 1), (*second, 2)], TTL)
+    assert await store.room_instances(*first) == {"room-1": 1}
+    assert await store.room_instances(*second) == {"room-1": 2}
+
+
+@pytest.mark.parametrize(
+    ("rows", "ttl", "mentions"),
+    [
+        ([("live", "r1", 1)], 0, "ttl"),
+        ([("live", "r1", -1)], TTL, "count"),
+        ([("live", "r1", True)], TTL, "count"),
+        ([("live", "r1", 1.5)], TTL, "count"),
+        ([("live", "r1")], TTL, "product, room, count"),
+        ([("live", 7, 1)], TTL, "string"),
+    ],
+)
+async def test_bad_room_rows_are_refused_whole(
+    store: SessionStore, rows: list, ttl: float, mentions: str
+) -> None:
+    with pytest.raises(ValueError, match=mentions):
+        await store.put_rooms("room-1", [("live", "ok", 1), *rows], ttl)
+    assert await store.room_instances("live", "ok") == {}
+
+
 async def test_memory_sweep_drops_expired_users_nobody_looks_up() -> None:
     store = MemoryStore()
     await store.put_sessions([Session("chat", f"u{i}", "c", "room-1") for i in range(500)], 0.05)
@@ -190,6 +280,17 @@ async def test_memory_sweep_drops_expired_users_nobody_looks_up() -> None:
     for i in range(10):
         await store.put_sessions([Session("chat", f"v{i}", "c", "room-1")], TTL)
     assert len(store) == 10
+    await store.close()
+
+
+async def test_memory_sweep_drops_expired_rooms_nobody_looks_up() -> None:
+    store = MemoryStore()
+    await store.put_rooms("room-1", [("live", f"r{i}", 1) for i in range(300)], 0.05)
+    assert store.room_entries == 300
+    await asyncio.sleep(0.1)
+    for i in range(10):
+        await store.put_rooms("room-2", [("live", f"s{i}", 1)], TTL)
+    assert store.room_entries == 10
     await store.close()
 
 
@@ -270,4 +371,46 @@ async def test_redis_survives_a_server_restart(redis_server, redis_url: str) -> 
     await store.put_node(Node("room-1", "127.0.0.1:7001"), TTL)
     assert await store.lookup("chat", ["u1"]) == {"u1": [session]}
     assert [n.instance for n in await store.nodes()] == ["room-1"]
+    await store.close()
+
+
+async def test_redis_room_hash_layout(redis_url: str, raw_redis: aioredis.Redis) -> None:
+    store = RedisStore(redis_url)
+    await store.put_rooms("room-1", [("live", "r1", 3), ("a:b", "{c}", 1)], TTL)
+    await store.put_rooms("room-2", [("live", "r1", 4)], TTL)
+    keys = {key async for key in raw_redis.scan_iter(match="im:r:*")}
+    assert keys == {b"im:r:{live:r1}", b"im:r:{a%3Ab:%7Bc%7D}"}
+    fields = await raw_redis.hgetall("im:r:{live:r1}")
+    decoded = {name: msgpack.unpackb(value) for name, value in fields.items()}
+    assert {name: count for name, (_, count) in decoded.items()} == {b"room-1": 3, b"room-2": 4}
+    assert all(isinstance(expiry, int) for expiry, _ in decoded.values())
+    assert 0 < await raw_redis.pttl("im:r:{live:r1}") <= TTL * 1000
+    await store.put_rooms("room-1", [("a:b", "{c}", 0)], TTL)
+    assert await raw_redis.exists("im:r:{a%3Ab:%7Bc%7D}") == 0
+    await store.close()
+
+
+async def test_redis_room_lookup_deletes_expired_fields(
+    redis_url: str, raw_redis: aioredis.Redis
+) -> None:
+    store = RedisStore(redis_url)
+    await store.put_rooms("room-1", [("live", "r1", 3)], TTL)
+    await store.put_rooms("room-2", [("live", "r1", 4)], 0.1)
+    await asyncio.sleep(0.15)
+    assert await raw_redis.hlen("im:r:{live:r1}") == 2
+    assert await store.room_instances("live", "r1") == {"room-1": 3}
+    assert await raw_redis.hkeys("im:r:{live:r1}") == [b"room-1"]
+    await store.close()
+
+
+async def test_redis_rooms_batch_is_one_round_trip(
+    redis_url: str, raw_redis: aioredis.Redis
+) -> None:
+    store = RedisStore(redis_url)
+    await store.put_rooms("room-1", [("live", "warm", 1)], TTL)
+    rows = [("live", f"r{i}", 1) for i in range(500)]
+    before = (await raw_redis.info("stats"))["total_reads_processed"]
+    await store.put_rooms("room-1", rows, TTL)
+    after = (await raw_redis.info("stats"))["total_reads_processed"]
+    assert after - before <= 10
     await store.close()

@@ -18,7 +18,7 @@ from im.protocol.errors import ErrorCode
 from im.protocol.framing import FrameDecoder, frame
 from im.protocol.messages import validate_client
 from im.sdk import AuthError, Client, ClientClosed, Message, ServerError, TransportClosed
-from im.sdk.client import Backoff, RecentIds
+from im.sdk.client import Backoff, JoinRefused, RecentIds
 from im.sdk.transport import Address, WsTransport
 
 FAST = {"backoff_min": 0.01, "backoff_max": 0.05, "connect_timeout": 2.0}
@@ -75,13 +75,26 @@ class Peer:
         (self.ws.transport if self.ws is not None else self.tcp[1].transport).abort()
 
 
+def push_map(msg_id: str, *, qos: int = 0, body: Any = None, **extra: Any) -> dict:
+    message = {"op": "push", "id": msg_id, "type": "chat", "pri": "normal", "qos": qos}
+    return message | {"ts": 1_700_000_000_000, "body": body, **extra}
+
+
 class Room:
-    """Accepts token "good", answers pings (unless `pong` is off), records what it got."""
+    """Accepts token "good", answers pings (unless `pong` is off), joins and leaves (unless
+    `answer_rooms` is off; joins of `refused` rooms with an error), records what it got.
+    While `auth_gate` is clear, auth answers wait."""
 
     def __init__(self, *, hb: float = 30, pong: bool = True, error_frame: bool = True) -> None:
         self.hb = hb
         self.pong = pong
         self.error_frame = error_frame
+        self.answer_rooms = True
+        self.refused: set[str] = set()
+        self.auth_gate = asyncio.Event()
+        self.auth_gate.set()
+        self.joins: list[tuple[int, str]] = []  # (connection number, room)
+        self.leaves: list[str] = []
         self.peers: list[Peer] = []
         self.auths: list[dict] = []
         self.acks: list[str] = []
@@ -125,6 +138,7 @@ class Room:
                             await peer.send({"op": "error", "code": 4001, "reason": "bad token"})
                         await peer.close(4001, "bad token")
                         return
+                    await self.auth_gate.wait()
                     self.peers.append(peer)
                     await peer.send({"op": "auth_ok", "conn": f"c{len(self.auths)}", "hb": self.hb})
                 elif op == "ping":
@@ -134,13 +148,29 @@ class Room:
                 elif op == "ack":
                     self.acks.extend(message["ids"])
                     self.ack_frames += 1
+                elif op == "join":
+                    await self.on_join(peer, message["room"])
+                elif op == "leave":
+                    self.leaves.append(message["room"])
+                    if self.answer_rooms:
+                        await peer.send({"op": "left", "room": message["room"]})
         except (ConnectionError, ConnectionClosed):
             pass
 
+    async def on_join(self, peer: Peer, room: str) -> None:
+        self.joins.append((len(self.auths), room))
+        if room in self.refused:
+            reason = "join: at most 1 rooms per connection"
+            await peer.send({"op": "error", "code": int(ErrorCode.BAD_FIELD), "reason": reason})
+        elif self.answer_rooms:
+            members = sum(1 for _, joined in self.joins if joined == room)
+            await peer.send({"op": "joined", "room": room, "members": members})
+
     async def push(self, msg_id: str, *, qos: int = 0, body: Any = None, **extra: Any) -> None:
-        message = {"op": "push", "id": msg_id, "type": "chat", "pri": "normal", "qos": qos}
-        message |= {"ts": 1_700_000_000_000, "body": body, **extra}
-        await self.peers[-1].send(message)
+        await self.peers[-1].send(push_map(msg_id, qos=qos, body=body, **extra))
+
+    async def batch(self, *pushes: dict) -> None:
+        await self.peers[-1].send({"op": "batch", "msgs": list(pushes)})
 
     def drop(self) -> None:
         for peer in self.peers:
@@ -494,6 +524,141 @@ async def test_recv_timeout(rooms, clients):
     await client.connect()
     with pytest.raises(TimeoutError):
         await client.recv(timeout=0.05)
+
+
+@pytest.mark.parametrize(("kind", "encoding"), [("tcp", "msgpack"), ("ws", "json")])
+async def test_join_push_and_leave(rooms, clients, kind, encoding):
+    room = await rooms(kind)
+    client = clients([room.address], encoding=encoding)
+    await client.connect()
+    assert await client.join("r1") == 1
+    assert await client.join("r1") == 2, "a repeated join is answered again"
+    assert await client.join("r2") == 1
+    assert room.joins == [(1, "r1"), (1, "r1"), (1, "r2")]
+    assert client.rooms == ["r1", "r2"]
+    await room.push("m1", room="r1")
+    await room.push("m2")
+    first, second = await client.recv(timeout=2), await client.recv(timeout=2)
+    assert (first.id, first.room, second.id, second.room) == ("m1", "r1", "m2", None)
+    await client.leave("r1")
+    assert room.leaves == ["r1"] and client.rooms == ["r2"]
+
+
+async def test_rooms_are_joined_again_after_a_reconnect(rooms, clients):
+    room = await rooms()
+    client = clients([room.address])
+    await client.connect()
+    for name in ("r1", "r2", "r3"):
+        await client.join(name)
+    await client.leave("r2")
+    room.drop()
+    await eventually(lambda: len(room.joins) == 5)
+    assert room.joins[3:] == [(2, "r1"), (2, "r3")]
+    assert client.rooms == ["r1", "r3"]
+
+
+async def test_join_while_reconnecting_completes_after_auth(rooms, clients):
+    room = await rooms()
+    client = clients([room.address])
+    await client.connect()
+    room.auth_gate.clear()
+    room.drop()
+    await eventually(lambda: len(room.auths) == 2)
+    joining = asyncio.create_task(client.join("r1", timeout=3))
+    gone = asyncio.create_task(client.join("gone", timeout=3))
+    await asyncio.sleep(0.05)
+    assert not joining.done() and not client.connected
+    await client.leave("gone")  # offline: never sent, and its pending join fails
+    with pytest.raises(ConnectionError):
+        await gone
+    room.auth_gate.set()
+    assert await joining == 1
+    assert room.joins == [(2, "r1")], "joined once, by the join or by the re-join"
+    assert room.leaves == []
+
+
+async def test_refused_join_raises_and_is_forgotten(rooms, clients):
+    room = await rooms()
+    room.refused = {"big"}
+    client = clients([room.address])
+    await client.connect()
+    with pytest.raises(JoinRefused) as caught:
+        await client.join("big")
+    assert (caught.value.room, caught.value.code) == ("big", ErrorCode.BAD_FIELD)
+    assert "at most" in caught.value.reason
+    assert await client.join("small") == 1, "the next answer goes to the next join"
+    assert client.rooms == ["small"] and client.connected
+
+
+async def test_unanswered_join_and_leave_time_out(rooms, clients):
+    room = await rooms()
+    room.answer_rooms = False
+    client = clients([room.address])
+    await client.connect()
+    with pytest.raises(TimeoutError):
+        await client.join("r1", timeout=0.1)
+    assert client.rooms == []
+    with pytest.raises(TimeoutError):
+        await client.leave("r1", timeout=0.1)
+    assert room.joins == [(1, "r1")] and room.leaves == ["r1"]
+
+
+async def test_pending_room_calls_end_with_the_connection(rooms, clients):
+    room = await rooms()
+    room.answer_rooms = False
+    client = clients([room.address], reconnect=False)
+    await client.connect()
+    leaving = asyncio.create_task(client.leave("r0"))
+    joining = asyncio.create_task(client.join("r1"))
+    await eventually(lambda: len(room.joins) == 1 and len(room.leaves) == 1)
+    room.drop()
+    assert await asyncio.wait_for(leaving, 2) is None, "the membership ended with the connection"
+    with pytest.raises(ConnectionError, match="client stopped"):
+        await asyncio.wait_for(joining, 2)
+    with pytest.raises(ConnectionError):
+        await client.join("r2")
+
+
+async def test_room_argument_errors(rooms, clients):
+    room = await rooms()
+    client = clients([room.address])
+    with pytest.raises(ConnectionError):
+        await client.join("r1")
+    await client.leave("r1")  # nothing to leave: no error
+    await client.connect()
+    for bad in ("", "r" * 129, 7):
+        with pytest.raises(ValueError):
+            await client.join(bad)
+    await client.close()
+    with pytest.raises(ClientClosed):
+        await client.join("r1")
+    assert room.joins == [] and room.leaves == []
+
+
+async def test_batch_frame_delivers_each_push_like_a_lone_one(rooms, clients):
+    room = await rooms()
+    client = clients([room.address])
+    await client.connect()
+    await room.batch(
+        push_map("b1", room="r1"),
+        push_map("b2", qos=1, room="r1"),
+        push_map("b2", qos=1, room="r1"),
+        push_map("b3", qos=1, body={"n": 3}),
+    )
+    got = [await client.recv(timeout=2) for _ in range(3)]
+    assert [(m.id, m.qos, m.room) for m in got] == [
+        ("b1", 0, "r1"),
+        ("b2", 1, "r1"),
+        ("b3", 1, None),
+    ]
+    assert got[2].body == {"n": 3} and got[0].raw["op"] == "push"
+    await eventually(lambda: sorted(room.acks) == ["b2", "b3"])
+    await room.push("b3", qos=1)  # already delivered inside the batch: acked, not delivered
+    await room.batch(push_map("x1"), push_map("x2", pri="urgent"))  # invalid: dropped whole
+    await room.batch(push_map("b4"))
+    assert (await client.recv(timeout=2)).id == "b4"
+    await eventually(lambda: sorted(room.acks) == ["b2", "b3", "b3"])
+    assert client.connected and len(room.auths) == 1
 
 
 @pytest.mark.parametrize(

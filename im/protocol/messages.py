@@ -15,6 +15,8 @@ from im.protocol.errors import ErrorCode, ProtocolError
 PRIORITIES = ("high", "normal", "low")
 PRIORITY_INDEX = {name: i for i, name in enumerate(PRIORITIES)}
 MAX_ACK_IDS = 1000
+MAX_BATCH = 1000  # pushes in one batch frame
+MAX_ROOM = 128  # characters of a room name
 
 Check = Callable[[Any], str | None]
 
@@ -86,6 +88,38 @@ def anything(value: Any) -> str | None:
 #: op -> {field: (check, required)}
 Schema = Mapping[str, Mapping[str, tuple[Check, bool]]]
 
+PUSH: Mapping[str, tuple[Check, bool]] = {
+    "id": (text(64), True),
+    "type": (text(64), True),
+    "pri": (one_of(*PRIORITIES), True),
+    "qos": (one_of(0, 1), True),
+    "ts": (integer(0, 2**53), True),
+    "body": (anything, False),
+    "room": (text(MAX_ROOM), False),  # set on pushes to a chat room
+}
+
+
+def push_list(max_items: int) -> Check:
+    """A batch's pushes: each one a complete `push` map, checked like a lone push."""
+    only_push: Schema = {"push": PUSH}
+
+    def check(value: Any) -> str | None:
+        if not isinstance(value, list):
+            return "must be a list of push maps"
+        if not 0 < len(value) <= max_items:
+            return f"must hold 1 to {max_items} pushes"
+        for index, entry in enumerate(value):
+            if not isinstance(entry, dict) or entry.get("op") != "push":
+                return f"item {index} must be a map with op 'push'"
+            try:
+                validate(entry, only_push)
+            except ProtocolError as exc:
+                return f"item {index}: {exc.reason}"
+        return None
+
+    return check
+
+
 CLIENT_OPS: Schema = {
     "auth": {
         "product": (text(64), True),
@@ -96,19 +130,17 @@ CLIENT_OPS: Schema = {
     },
     "ping": {},
     "ack": {"ids": (id_list(MAX_ACK_IDS, 64), True)},
+    "join": {"room": (text(MAX_ROOM), True)},
+    "leave": {"room": (text(MAX_ROOM), True)},
 }
 
 SERVER_OPS: Schema = {
     "auth_ok": {"conn": (text(64), True), "hb": (number(1, 3600), True)},
     "pong": {},
-    "push": {
-        "id": (text(64), True),
-        "type": (text(64), True),
-        "pri": (one_of(*PRIORITIES), True),
-        "qos": (one_of(0, 1), True),
-        "ts": (integer(0, 2**53), True),
-        "body": (anything, False),
-    },
+    "push": PUSH,
+    "batch": {"msgs": (push_list(MAX_BATCH), True)},
+    "joined": {"room": (text(MAX_ROOM), True), "members": (integer(0, 2**53), True)},
+    "left": {"room": (text(MAX_ROOM), True)},
     "error": {"code": (integer(1000, 4999), True), "reason": (text(1024, allow_empty=True), True)},
 }
 

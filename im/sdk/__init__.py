@@ -1,6 +1,6 @@
 """Python client SDK: `Client` keeps a session with the gateway and yields its pushes."""
 
-from im.sdk.client import AuthError, Client, ClientClosed, Message, ServerError
+from im.sdk.client import AuthError, Client, ClientClosed, JoinRefused, Message, ServerError
 from im.sdk.transport import Address, TcpTransport, TransportClosed, WsTransport
 
 __all__ = [
@@ -8,6 +8,7 @@ __all__ = [
     "AuthError",
     "Client",
     "ClientClosed",
+    "JoinRefused",
     "Message",
     "ServerError",
     "TcpTransport",

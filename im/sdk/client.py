@@ -1,9 +1,11 @@
 """The application-facing client: one background task keeps a session alive.
 
-That task connects to the addresses in order, authenticates, then reads; it also sends
-the heartbeat pings and the batched acks, so the application only iterates and (with
-auto-ack off) acks. Delivery to the application is at most once per QoS 1 id within a
-window of recent ids, however often the server redelivers after a reconnect.
+That task connects to the addresses in order, authenticates, joins the chat rooms the
+application is in, then reads; it also sends the heartbeat pings and the batched acks, so
+the application only iterates and (with auto-ack off) acks. Delivery to the application is
+at most once per QoS 1 id within a window of recent ids, however often the server
+redelivers after a reconnect; the pushes of a batch frame are delivered one by one, each as
+if it had come alone.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from prometheus_client import Counter
 
@@ -36,6 +38,8 @@ MAX_PINGS = 64  # unanswered pings remembered for matching pongs
 HB_MISSES = 3  # heartbeat intervals of server silence that mean a dead connection
 CLOSE_FLUSH_TIMEOUT = 1.0
 MAX_ID = 64
+MAX_ROOMS = 1000  # rooms kept for re-joining; the server has its own, lower, per-connection cap
+ROOM_TIMEOUT = 5.0  # default wait for `joined` / `left`
 PING = {"op": "ping"}
 
 CONNECTING, ONLINE, OFFLINE, CLOSED = "connecting", "online", "offline", "closed"
@@ -50,11 +54,13 @@ DROPPED = Counter("im_sdk_dropped_total", "QoS 0 pushes dropped on a full SDK qu
 DUPLICATES = Counter("im_sdk_duplicates_total", "QoS 1 redeliveries the SDK filtered out")
 
 TokenSource = str | Callable[[], str | Awaitable[str]]
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True, slots=True)
 class Message:
-    """A push delivered to the application; `raw` is the whole map as the server sent it."""
+    """A push delivered to the application; `raw` is the whole map as the server sent it,
+    `room` the chat room it was sent to (None for pushes to the user)."""
 
     id: str
     type: str
@@ -63,6 +69,7 @@ class Message:
     ts: int
     body: Any = field(compare=False)
     raw: dict[str, Any] = field(compare=False, repr=False)
+    room: str | None = None
 
 
 class ServerError(Exception):
@@ -80,6 +87,16 @@ class AuthError(ServerError):
 
 class ClientClosed(Exception):
     """recv() on a client that close() ended."""
+
+
+class JoinRefused(ValueError):
+    """The server answered a join with an error (too many rooms, say); the room is forgotten."""
+
+    def __init__(self, room: str, code: int, reason: str) -> None:
+        super().__init__(f"join {room!r} refused: {code} {reason}")
+        self.room = room
+        self.code = code
+        self.reason = reason
 
 
 def server_error(code: int, reason: str) -> ServerError:
@@ -219,6 +236,10 @@ class Client:
         "_last_send",
         "_transport",
         "_conn_id",
+        "_rooms",
+        "_joining",
+        "_leaving",
+        "_sent_joins",
         "_task",
         "_loop",
         "_state",
@@ -273,6 +294,10 @@ class Client:
         self._last_send = 0.0
         self._transport: Transport | None = None
         self._conn_id: str | None = None
+        self._rooms: dict[str, None] = {}  # joined (or joining) rooms, in join order
+        self._joining: dict[str, list[asyncio.Future[int]]] = {}
+        self._leaving: dict[str, list[asyncio.Future[None]]] = {}
+        self._sent_joins: deque[str] = deque()  # joins on this connection awaiting an answer
         self._task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._state = OFFLINE
@@ -289,6 +314,11 @@ class Client:
     @property
     def state(self) -> str:
         return self._state
+
+    @property
+    def rooms(self) -> list[str]:
+        """Rooms joined (or being joined), re-joined after every reconnect."""
+        return list(self._rooms)
 
     async def connect(self) -> None:
         """Return once authenticated; AuthError on refusal, else the last connect error
@@ -357,6 +387,57 @@ class Client:
         await waiter
         return time.perf_counter() - start
 
+    async def join(self, room: str, *, timeout: float | None = ROOM_TIMEOUT) -> int:
+        """Join a chat room and return its member count on the server's instance. Offline,
+        the join goes out after the next auth; after every reconnect the client joins its
+        rooms again by itself. Raises JoinRefused (the room is forgotten), TimeoutError
+        (likewise), ValueError for a bad name, ConnectionError when connect() has not run
+        or the client stopped, ClientClosed after close().
+        """
+        self._check_room("join", room)
+        if self._task is None:
+            raise ConnectionError("not connected: call connect() first")
+        if room not in self._rooms and len(self._rooms) >= MAX_ROOMS:
+            raise ValueError(f"at most {MAX_ROOMS} rooms per client")
+        waiter: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._rooms[room] = None
+        self._joining.setdefault(room, []).append(waiter)
+        transport = self._transport
+        if transport is not None:
+            with contextlib.suppress(OSError):  # lost: the reconnect joins again
+                await self._send_join(transport, room)
+        try:
+            return await _wait(waiter, timeout)
+        except TimeoutError:
+            self._drop_waiter(self._joining, room, waiter)
+            self._rooms.pop(room, None)
+            raise
+
+    async def leave(self, room: str, *, timeout: float | None = ROOM_TIMEOUT) -> None:
+        """Leave a chat room; once this returns, the server sends no more pushes for it.
+        Offline, leaving just means not joining it again. A join of it still waiting for a
+        connection fails with ConnectionError."""
+        self._check_room("leave", room)
+        self._rooms.pop(room, None)
+        if room not in self._sent_joins:
+            for early in self._joining.pop(room, ()):
+                _settle(early, exc=ConnectionError(f"left room {room!r} before it was joined"))
+        transport = self._transport
+        if transport is None:
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._leaving.setdefault(room, []).append(waiter)
+        try:
+            await transport.send({"op": "leave", "room": room})
+            self._last_send = asyncio.get_running_loop().time()
+        except OSError:
+            return  # the connection, and the membership with it, is gone
+        try:
+            await _wait(waiter, timeout)
+        except TimeoutError:
+            self._drop_waiter(self._leaving, room, waiter)
+            raise
+
     async def close(self) -> None:
         """Flush pending acks (briefly), stop the connection task and end the iterator."""
         if self._state == CLOSED:
@@ -419,12 +500,14 @@ class Client:
         except asyncio.CancelledError:
             if not first.done():
                 first.set_exception(ClientClosed("client closed while connecting"))
+            self._fail_joins(ClientClosed("client closed"))
             raise
         except Exception as exc:
             if first.done():
                 self._inbox.end(exc, discard=False)
             else:
                 first.set_exception(exc)
+            self._fail_joins(exc)
         finally:
             self._task = None
             self._set_state(OFFLINE)
@@ -482,6 +565,8 @@ class Client:
         self._last_recv = self._last_send = loop.time()
         if self._acks:
             self._ack_due = self._last_recv
+        for room in list(self._rooms):
+            await self._send_join(transport, room)
         while True:
             now = loop.time()
             if now - self._last_recv >= dead_after:
@@ -508,6 +593,18 @@ class Client:
         op = server_op(message)
         if op == "push":
             self._on_push(message)
+        elif op == "batch":
+            for push in message["msgs"]:
+                self._on_push(push)
+        elif op == "joined":
+            room = message["room"]
+            with contextlib.suppress(ValueError):
+                self._sent_joins.remove(room)
+            for waiter in self._joining.pop(room, ()):
+                _settle(waiter, message["members"])
+        elif op == "left":
+            for waiter in self._leaving.pop(message["room"], ()):
+                _settle(waiter, None)
         elif op == "pong":
             if self._pings:
                 waiter = self._pings.popleft()
@@ -519,6 +616,9 @@ class Client:
                 raise server_error(code, reason)
             if code in FATAL_CODES:
                 raise TransportClosed(code, reason)
+            if reason.startswith("join:") and self._sent_joins:
+                self._join_refused(self._sent_joins.popleft(), code, reason)
+                return
             log.warning("server error %d: %s", code, reason)
 
     def _on_push(self, raw: dict[str, Any]) -> None:
@@ -530,7 +630,9 @@ class Client:
                 if state == ACKED:
                     self._queue_acks((msg_id,))
                 return
-        message = Message(msg_id, raw["type"], raw["pri"], qos, raw["ts"], raw.get("body"), raw)
+        message = Message(
+            msg_id, raw["type"], raw["pri"], qos, raw["ts"], raw.get("body"), raw, raw.get("room")
+        )
         if not self._inbox.offer(message):
             if qos == 0:
                 self.dropped += 1
@@ -585,10 +687,52 @@ class Client:
         self._last_send = asyncio.get_running_loop().time()
         await transport.send(PING)
 
+    async def _send_join(self, transport: Transport, room: str) -> None:
+        """Send a join unless one for the room is already awaiting its answer."""
+        if room in self._sent_joins:
+            return
+        self._sent_joins.append(room)
+        self._last_send = asyncio.get_running_loop().time()
+        await transport.send({"op": "join", "room": room})
+
+    def _join_refused(self, room: str, code: int, reason: str) -> None:
+        """The server answers joins in order, so an error naming `join:` is the oldest one's."""
+        log.warning("join %r refused: %d %s", room, code, reason)
+        self._rooms.pop(room, None)
+        for waiter in self._joining.pop(room, ()):
+            _settle(waiter, exc=JoinRefused(room, code, reason))
+
+    def _fail_joins(self, exc: Exception) -> None:
+        joining, self._joining = self._joining, {}
+        for waiters in joining.values():
+            for waiter in waiters:
+                _settle(waiter, exc=ConnectionError(f"client stopped: {exc}"))
+
+    def _check_room(self, op: str, room: str) -> None:
+        if self._state == CLOSED:
+            raise ClientClosed("client closed")
+        try:
+            validate_client({"op": op, "room": room})
+        except ProtocolError as exc:
+            raise ValueError(exc.reason) from None
+
+    @staticmethod
+    def _drop_waiter(table: dict[str, list[_T]], room: str, waiter: _T) -> None:
+        waiters = table.get(room)
+        if waiters is not None and waiter in waiters:
+            waiters.remove(waiter)
+            if not waiters:
+                del table[room]
+
     def _go_offline(self) -> None:
         self._transport = None
         self._conn_id = None
         self._set_state(OFFLINE)
+        self._sent_joins.clear()
+        leaving, self._leaving = self._leaving, {}
+        for waiters in leaving.values():  # the membership ended with the connection
+            for left in waiters:
+                _settle(left, None)
         while self._pings:
             waiter = self._pings.popleft()
             if waiter is not None and not waiter.done():
@@ -597,3 +741,17 @@ class Client:
     def _set_state(self, state: str) -> None:
         if self._state != CLOSED:
             self._state = state
+
+
+def _settle(waiter: asyncio.Future[Any], result: Any = None, exc: Exception | None = None) -> None:
+    if not waiter.done():
+        if exc is None:
+            waiter.set_result(result)
+        else:
+            waiter.set_exception(exc)
+
+
+async def _wait(waiter: asyncio.Future[_T], timeout: float | None) -> _T:
+    """Await a reply future; TimeoutError after `timeout` seconds (None waits for ever)."""
+    async with asyncio.timeout(timeout):
+        return await waiter

@@ -22,9 +22,10 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake
 from im.protocol.codec import Encoding, decode, encode
 from im.protocol.framing import DEFAULT_MAX_FRAME, FrameDecoder, frame
 
-#: Largest frame accepted from the server: a maximal payload plus room for the envelope
-#: (and for JSON, which spells the same map longer than msgpack).
-MAX_FRAME = DEFAULT_MAX_FRAME + 16 * 1024
+#: Largest frame accepted from the server: a batch frame packs several pushes of up to
+#: DEFAULT_MAX_FRAME each, so the limit is a multiple of it (JSON, which spells the same
+#: maps longer than msgpack, included).
+MAX_FRAME = 16 * DEFAULT_MAX_FRAME
 READ_CHUNK = 64 * 1024
 CLOSE_TIMEOUT = 1.0
 SCHEMES = ("tcp", "ws", "wss")

@@ -1,13 +1,16 @@
-"""The Redis engine: one hash per user, laid out so Redis Cluster keeps each user in one slot.
+"""The Redis engine: one hash per user and one per chat room, laid out so Redis Cluster keeps
+each user, and each room, in one slot.
 
 A user's sessions live in `<prefix>:s:{<product>:<uid>}`, field conn -> msgpack
-[expiry_ms, instance, device]. Redis 7.0 has no per-field expiry, so the expiry rides in
-the value, reads filter on it and delete what has expired, and the key's own TTL follows
-the longest lease so an abandoned user disappears whole. Expiries are taken from the Redis
-server clock inside the scripts, so every writer and reader agrees on them.
+[expiry_ms, instance, device]; a room's member counts in `<prefix>:r:{<product>:<room>}`,
+field instance -> msgpack [expiry_ms, count]. Redis 7.0 has no per-field expiry, so the
+expiry rides in the value, reads filter on it and delete what has expired, and the key's
+own TTL follows the longest lease so an abandoned user or room disappears whole. Expiries
+are taken from the Redis server clock inside the scripts, so every writer and reader
+agrees on them.
 
 Batches cost one round trip: one pipeline of single-key commands, never a script over
-several users (their keys sit in different cluster slots). A call whose pooled connection
+several users or rooms (their keys sit in different cluster slots). A call whose pooled connection
 turns out dead (Redis restarted) is sent once more on a new one; other Redis errors, and a
 Redis that stays down, propagate to the caller.
 """
@@ -26,7 +29,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError
 
-from im.sessions import Node, Session
+from im.sessions import Node, RoomCount, Session, checked_rooms
 
 # ARGV: ttl_ms, width, then groups of (field, width values); each value becomes the msgpack
 # array [expiry_ms, values...]. The key's TTL is raised to the lease, never lowered.
@@ -40,6 +43,22 @@ for i = 3, #ARGV, width + 1 do
   for j = 1, width do value[j + 1] = ARGV[i + j] end
   redis.call('HSET', KEYS[1], ARGV[i], cmsgpack.pack(value))
 end
+if redis.call('PTTL', KEYS[1]) < ttl then redis.call('PEXPIRE', KEYS[1], ttl) end
+return 0
+"""
+
+# ARGV: ttl_ms, instance, count. A count of 0 deletes the instance's field; otherwise the field
+# becomes [expiry_ms, count] (count a msgpack integer) and the key's TTL is raised as in _PUT.
+_PUT_COUNT = """
+local ttl = tonumber(ARGV[1])
+local count = tonumber(ARGV[3])
+if count == 0 then
+  redis.call('HDEL', KEYS[1], ARGV[2])
+  return 0
+end
+local t = redis.call('TIME')
+local expiry = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + ttl
+redis.call('HSET', KEYS[1], ARGV[2], cmsgpack.pack({expiry, count}))
 if redis.call('PTTL', KEYS[1]) < ttl then redis.call('PEXPIRE', KEYS[1], ttl) end
 return 0
 """
@@ -72,14 +91,15 @@ def _script(source: str) -> _Script:
 
 
 _PUT_SCRIPT = _script(_PUT)
+_PUT_COUNT_SCRIPT = _script(_PUT_COUNT)
 _READ_SCRIPT = _script(_READ)
 
 _Call = tuple[_Script, str, Sequence[str | int]]
 
 
 def _escape(part: str) -> str:
-    """Percent-escape the characters that delimit a key, so distinct (product, uid) pairs
-    never share a key and the hash tag always spans the whole user."""
+    """Percent-escape the characters that delimit a key, so distinct (product, uid) or
+    (product, room) pairs never share a key and the hash tag always spans the whole pair."""
     return part.replace("%", "%25").replace(":", "%3A").replace("{", "%7B").replace("}", "%7D")
 
 
@@ -106,6 +126,9 @@ class RedisStore:
 
     def user_key(self, product: str, uid: str) -> str:
         return f"{self._prefix}:s:{{{_escape(product)}:{_escape(uid)}}}"
+
+    def room_key(self, product: str, room: str) -> str:
+        return f"{self._prefix}:r:{{{_escape(product)}:{_escape(room)}}}"
 
     async def put_sessions(self, sessions: Sequence[Session], ttl: float) -> None:
         ttl_ms = _ttl_ms(ttl)
@@ -138,6 +161,19 @@ class RedisStore:
                     for conn, (_, instance, device) in _pairs(flat)
                 ]
         return found
+
+    async def put_rooms(self, instance: str, rooms: Sequence[RoomCount], ttl: float) -> None:
+        ttl_ms = _ttl_ms(ttl)
+        await self._eval_many(
+            [
+                (_PUT_COUNT_SCRIPT, self.room_key(product, room), (ttl_ms, instance, count))
+                for product, room, count in checked_rooms(rooms)
+            ]
+        )
+
+    async def room_instances(self, product: str, room: str) -> dict[str, int]:
+        (flat,) = await self._eval_many([(_READ_SCRIPT, self.room_key(product, room), ())])
+        return {instance: int(count) for instance, (_, count) in _pairs(flat)}
 
     async def put_node(self, node: Node, ttl: float) -> None:
         wire = node.to_wire()
