@@ -69,6 +69,15 @@ class RoomConfig:
     flush_interval_ms: float = field(
         default=5.0, metadata={"help": "write coalescing tick; 0 = next loop iteration"}
     )
+    room_flush_ms: float = field(
+        default=25.0, metadata={"help": "room/broadcast write tick: one shared write per member"}
+    )
+    max_rooms_per_conn: int = field(
+        default=16, metadata={"help": "chat rooms one connection may join"}
+    )
+    switches_poll_s: float = field(
+        default=0.5, metadata={"help": "how often to look for new switches"}
+    )
     write_buffer_high: int = field(
         default=64 * 1024, metadata={"help": "socket buffer bytes above which frames wait queued"}
     )

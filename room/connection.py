@@ -47,6 +47,7 @@ class Connection(asyncio.Protocol):
         "paused",
         "dirty",
         "parser",
+        "rooms",
     )
 
     def __init__(self, gateway: Gateway) -> None:
@@ -65,6 +66,7 @@ class Connection(asyncio.Protocol):
         self.paused = False
         self.dirty = False
         self.parser: Any = None
+        self.rooms: set | None = None  # RoomGroups joined; None until the first join
 
     # -- asyncio callbacks -------------------------------------------------------------
 

@@ -25,6 +25,8 @@ from im.protocol.messages import PRIORITY_INDEX, validate_client, validate_serve
 from im.protocol.ws_handshake import http_response
 from im.rpc import RpcError
 from im.sessions import Node, Session, SessionStore
+from im.switches import SwitchError, Switches, parse_switches
+from room.chatrooms import ChatRooms
 from room.config import RoomConfig
 from room.connection import (
     AUTH_WAIT,
@@ -77,6 +79,9 @@ class Gateway:
         self._register_task: asyncio.Task | None = None
         self._loop = asyncio.get_running_loop()
         self._pong = {kind: enc({"op": "pong"}) for kind, enc in _ENCODERS.items()}
+        self.switches = Switches()  # defaults until the register has a document
+        self.switches_version = 0
+        self.rooms = ChatRooms(self)
 
     # -- framing -----------------------------------------------------------------------
 
@@ -98,6 +103,9 @@ class Gateway:
     def closed(self, conn: Connection) -> None:
         self.all.discard(conn)
         self.wheel.discard(conn)
+        if conn.rooms:
+            self.rooms.leave_all(conn)
+            self._schedule_register()
         if conn.conn_id and self.conns.get(conn.conn_id) is conn:
             del self.conns[conn.conn_id]
             self._to_remove.append(self._session(conn))
@@ -145,6 +153,16 @@ class Gateway:
             conn.deadline = self._loop.time() + conn.hb * self.config.missed_heartbeats
             if op == "ack":
                 self.stats.acks += len(message["ids"])
+            elif op == "join":
+                try:
+                    self.rooms.join(conn, message["room"])
+                except ProtocolError as err:
+                    self.protocol_error(conn, err)
+                    return
+                self._schedule_register()
+            elif op == "leave":
+                self.rooms.leave(conn, message["room"])
+                self._schedule_register()
             else:  # auth
                 self.protocol_error(
                     conn, ProtocolError(ErrorCode.ALREADY_AUTHENTICATED, "already authenticated")
@@ -190,7 +208,14 @@ class Gateway:
     async def _register_batches(self) -> None:
         """One task drains every pending registration and removal, in batches."""
         batch_size = self.config.register_batch
-        while self._to_register or self._to_remove:
+        while self._to_register or self._to_remove or self.rooms.has_index_updates:
+            if self.rooms.has_index_updates and not self._to_register:
+                updates = self.rooms.index_updates()
+                await self._store_call(
+                    self.store.put_rooms(self.instance, updates, self.config.session_ttl_s),
+                    "rooms",
+                )
+                continue
             if self._to_remove:
                 batch, self._to_remove = (
                     self._to_remove[:batch_size],
@@ -247,6 +272,12 @@ class Gateway:
             await self._store_call(
                 self.store.put_sessions(batch, self.config.session_ttl_s), "renew"
             )
+        rooms = self.rooms.index_updates(everything=True)
+        for i in range(0, len(rooms), size):
+            await self._store_call(
+                self.store.put_rooms(self.instance, rooms[i : i + size], self.config.session_ttl_s),
+                "rooms",
+            )
 
     async def renew_node(self) -> None:
         node = Node(
@@ -258,6 +289,31 @@ class Gateway:
             conns=len(self.conns),
         )
         await self._store_call(self.store.put_node(node, self.config.node_ttl_s), "node")
+
+    async def refresh_switches(self) -> None:
+        """Swap in a newer switches document (one assignment: readers never see a mix)."""
+        try:
+            found = await self.store.get_switches(self.switches_version)
+        except (TimeoutError, RpcError, OSError) as exc:
+            log.warning("switches poll failed: %s", exc)
+            return
+        if found is None:
+            return
+        version, document = found
+        try:
+            switches = parse_switches(document)
+        except SwitchError as err:  # the store only holds validated documents
+            log.error("switches version %d refused: %s", version, err)
+            return
+        self.switches, self.switches_version = switches, version
+        log.info("switches version %d in force", version)
+
+    async def refresh_idc(self) -> None:
+        try:
+            nodes = await self.store.nodes()
+        except (TimeoutError, RpcError, OSError):
+            return
+        self.rooms.instances_in_idc = max(1, sum(1 for n in nodes if n.idc == self.config.idc))
 
     # -- outbound ----------------------------------------------------------------------
 
@@ -292,19 +348,25 @@ class Gateway:
             data = encoded.get(conn.kind)
             if data is None:
                 data = encoded[conn.kind] = self.encode_for(conn.kind, message)
-            outcome = conn.enqueue(priority, data)
-            if outcome is Outcome.QUEUED:
+            if self.queue_frame(conn, priority, data):
                 written += 1
-            elif outcome is Outcome.QUEUED_DROPPED_OLDER:
-                written += 1
-                self.stats.drops["queue_full_evicted"] += 1
-            elif outcome is Outcome.DROPPED:
-                self.stats.drops["queue_full"] += 1
-            else:
-                self.stats.drops["slow_consumer"] += 1
-                self.close(conn, ErrorCode.SLOW_CONSUMER, "high-priority queue overflowed")
         self.stats.pushes += written
         return written, missing
+
+    def queue_frame(self, conn: Connection, priority: int, data: bytes) -> bool:
+        """Queue bytes on a connection under its bounds; False when they were dropped."""
+        outcome = conn.enqueue(priority, data)
+        if outcome is Outcome.QUEUED:
+            return True
+        if outcome is Outcome.QUEUED_DROPPED_OLDER:
+            self.stats.drops["queue_full_evicted"] += 1
+            return True
+        if outcome is Outcome.DROPPED:
+            self.stats.drops["queue_full"] += 1
+        else:
+            self.stats.drops["slow_consumer"] += 1
+            self.close(conn, ErrorCode.SLOW_CONSUMER, "high-priority queue overflowed")
+        return False
 
     async def rpc_push(self, params: Any) -> dict[str, Any]:
         """RPC `push`: {"items": [{"conns": [...], "msg": {...}}]} -> written, missing."""

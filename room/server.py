@@ -34,7 +34,14 @@ class RoomServer:
         self.store = store
         self.owns_store = owns_store
         self.gateway = Gateway(config, products, store)
-        self.rpc = RpcServer({"push": self.gateway.rpc_push}, name="room")
+        self.rpc = RpcServer(
+            {
+                "push": self.gateway.rpc_push,
+                "room_push": self.gateway.rooms.rpc_room_push,
+                "broadcast": self.gateway.rooms.rpc_broadcast,
+            },
+            name="room",
+        )
         self._servers: list[asyncio.Server] = []
         self._loops: list[asyncio.Task] = []
         self.ws_address = ""
@@ -74,10 +81,13 @@ class RoomServer:
         )
         stats.track(gateway)
         await gateway.renew_node()
+        await gateway.refresh_switches()
         self._loops = [
             asyncio.create_task(self._every(1.0, gateway.sweep)),
             asyncio.create_task(self._every_async(cfg.session_ttl_s / 3, gateway.renew)),
             asyncio.create_task(self._every_async(cfg.node_ttl_s / 3, gateway.renew_node)),
+            asyncio.create_task(self._every_async(cfg.switches_poll_s, gateway.refresh_switches)),
+            asyncio.create_task(self._every_async(cfg.node_ttl_s / 3, gateway.refresh_idc)),
         ]
         log.info(
             "room %s: websocket %s, tcp %s, rpc %s",

@@ -88,8 +88,26 @@ def _families() -> Iterable[Metric]:
     closes = CounterMetricFamily(
         "im_room_closes", "Connections closed by the server, by code", labels=["instance", "code"]
     )
+    room_drops = CounterMetricFamily(
+        "im_room_room_drops",
+        "Room pushes dropped by the big-room switches, by room, type and reason",
+        labels=["instance", "room", "type", "reason"],
+    )
+    room_delivered = CounterMetricFamily(
+        "im_room_room_delivered", "Room and batch messages handed to members", labels=["instance"]
+    )
+    room_writes = CounterMetricFamily(
+        "im_room_room_writes", "Shared writes of a room tick to members", labels=["instance"]
+    )
+    rooms = GaugeMetricFamily("im_room_rooms", "Chat rooms with members here", labels=["instance"])
     for gateway in gateways:
         name, stats = gateway.instance, gateway.stats
+        chat = gateway.rooms
+        for (room, type_, reason), count in chat.drops.items():
+            room_drops.add_metric([name, room, type_, reason], count)
+        room_delivered.add_metric([name], chat.delivered)
+        room_writes.add_metric([name], chat.writes)
+        rooms.add_metric([name], len(chat.groups))
         for state, count in gateway.connection_counts().items():
             conns.add_metric([name, state], count)
         queued.add_metric([name], gateway.queued())
@@ -104,3 +122,7 @@ def _families() -> Iterable[Metric]:
     yield from counters.values()
     yield drops
     yield closes
+    yield room_drops
+    yield room_delivered
+    yield room_writes
+    yield rooms
