@@ -12,7 +12,10 @@ import asyncio
 import logging
 import math
 from collections import Counter
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
+
+import orjson
 
 from im.protocol.errors import ErrorCode, ProtocolError
 from im.protocol.messages import PRIORITY_INDEX, validate_server
@@ -29,6 +32,7 @@ log = logging.getLogger("im.room")
 
 MAX_LABELLED_DROPS = 1000  # distinct (room, type, reason) series before folding into "_other"
 BROADCAST_SLICES_PER_S = 20
+MAX_BATCH_BYTES = 512 * 1024  # half of what the SDK accepts, leaving room for encoding
 MAX_PACED_BROADCASTS = 16
 
 _DROP_REASONS = {
@@ -167,8 +171,7 @@ class ChatRooms:
             members = len(group.members)
             for merged in policy.tick(now, switches):
                 self._add_if_idc_allows(group, merged, members, now)
-            batch = policy.take_batch()
-            if batch:
+            for batch in _split_batch(policy.take_batch() or ()):
                 self._add_if_idc_allows(
                     group, {"op": "batch", "msgs": batch}, members * len(batch), now
                 )
@@ -244,6 +247,23 @@ class ChatRooms:
 
     def _paced_done(self) -> None:
         self._paced -= 1
+
+
+def _split_batch(msgs: Sequence[Mapping]) -> list[list[Mapping]]:
+    """Batch frames of at most MAX_BATCH_BYTES (clients accept 1 MiB), in order."""
+    batches: list[list[Mapping]] = []
+    current: list[Mapping] = []
+    size = 0
+    for message in msgs:
+        length = len(orjson.dumps(message))
+        if current and size + length > MAX_BATCH_BYTES:
+            batches.append(current)
+            current, size = [], 0
+        current.append(message)
+        size += length
+    if current:
+        batches.append(current)
+    return batches
 
 
 def _push(message: Any) -> dict:

@@ -247,3 +247,14 @@ async def test_idc_budget_throttles_big_room_normal_traffic_but_not_high(make_sy
     await room_push(system, 0, push(9, pri="high"))
     got = sorted(m["body"]["n"] for m in await drain(members[0]))
     assert got == [0, 1, 9]
+
+
+def test_batches_are_split_below_the_client_frame_limit():
+    from room.chatrooms import MAX_BATCH_BYTES, _split_batch
+
+    big = [{"op": "push", "body": "x" * 100_000, "n": n} for n in range(12)]
+    batches = _split_batch(big)
+    assert [m for b in batches for m in b] == big
+    assert len(batches) > 1
+    for batch in batches:
+        assert sum(len(str(m)) for m in batch) <= MAX_BATCH_BYTES + 200 * len(batch)
