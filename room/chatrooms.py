@@ -55,6 +55,7 @@ class ChatRooms:
         self._dirty: set[RoomGroup] = set()  # frames waiting for the room tick
         self._index_dirty: dict[tuple[str, str], RoomGroup] = {}  # counts to tell the register
         self._flush_handle: asyncio.TimerHandle | None = None
+        self._urgent = False
         self._paced = 0
         self._loop = asyncio.get_running_loop()
 
@@ -142,9 +143,11 @@ class ChatRooms:
         if reason is not None:
             self._count_drop(room, message["type"], reason)
             return {"written": 0, "dropped": len(group.members)}
+        urgent = False
         if decision is Decision.DELIVER:
             group.add(message, tuple(shard) if shard else None)
-        self._mark(group)
+            urgent = message["pri"] == "high"
+        self._mark(group, urgent)
         return {"written": len(group.members), "dropped": 0}
 
     def _count_drop(self, room: str, type_: str, reason: str) -> None:
@@ -153,16 +156,25 @@ class ChatRooms:
             key = ("_other", "_other", reason)
         self.drops[key] += 1
 
-    def _mark(self, group: RoomGroup) -> None:
+    def _mark(self, group: RoomGroup, urgent: bool = False) -> None:
+        """Frames wait for the room tick; a high-priority one (a gift) flushes at the end of
+        this loop iteration, taking whatever else waits along in the same write."""
         self._dirty.add(group)
-        if self._flush_handle is None:
+        if urgent:
+            if not self._urgent:
+                self._urgent = True
+                self._loop.call_soon(self.flush)
+        elif self._flush_handle is None:
             self._flush_handle = self._loop.call_later(
                 self.gateway.config.room_flush_ms / 1000, self.flush
             )
 
     def flush(self) -> None:
         """The room tick: each room's frames go out as one shared write per member."""
-        self._flush_handle = None
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        self._urgent = False
         dirty, self._dirty = self._dirty, set()
         now = self._loop.time()
         switches = self.gateway.switches

@@ -70,7 +70,8 @@ class RoomConfig:
         default=5.0, metadata={"help": "write coalescing tick; 0 = next loop iteration"}
     )
     room_flush_ms: float = field(
-        default=25.0, metadata={"help": "room/broadcast write tick: one shared write per member"}
+        default=50.0,
+        metadata={"help": "room write tick: one shared write per member (high flushes at once)"},
     )
     max_rooms_per_conn: int = field(
         default=16, metadata={"help": "chat rooms one connection may join"}

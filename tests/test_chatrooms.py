@@ -258,3 +258,18 @@ def test_batches_are_split_below_the_client_frame_limit():
     assert len(batches) > 1
     for batch in batches:
         assert sum(len(str(m)) for m in batch) <= MAX_BATCH_BYTES + 200 * len(batch)
+
+
+async def test_high_priority_flushes_the_room_at_once_and_takes_waiting_frames_along(
+    make_system,
+):
+    system = await make_system(rooms=1, center=False, room_flush_ms=2000)
+    member = await joined(system, "u", "r1")
+    await room_push(system, 0, push(1))  # waits for the 2 s tick
+    assert await drain(member, timeout=0.3) == []
+    started = time.monotonic()
+    await room_push(system, 0, push(2, pri="high", type_="gift"))
+    first = await member.recv(timeout=1)
+    second = await member.recv(timeout=1)
+    assert time.monotonic() - started < 0.5
+    assert {first["body"]["n"], second["body"]["n"]} == {1, 2}
