@@ -1,17 +1,18 @@
-"""The HTTP routes and the middleware that turns every failure into the JSON error body."""
+"""The HTTP routes, the middleware that turns every failure into the JSON error body, and
+the publisher that puts accepted pushes on the bus."""
 
 from __future__ import annotations
 
 import hmac
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from importlib import resources
 from typing import Any
 
 import orjson
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
-from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 
 from center.errors import (
     INTERNAL,
@@ -21,10 +22,31 @@ from center.errors import (
     code_for_status,
     error_body,
 )
-from center.push import PushRouter, RegisterUnavailable
-from center.validation import build_push, check_frame_size, check_uid, parse_push
+from center.jobs import (
+    PIN_PARTITIONS,
+    PUSH_TOPIC,
+    Job,
+    broadcast_job,
+    encode_job,
+    job_key,
+    job_topic,
+    room_job,
+    users_job,
+)
+from center.push import Directory, RegisterUnavailable, WarnThrottle
+from center.validation import (
+    build_push,
+    check_frame_size,
+    check_room,
+    check_uid,
+    parse_broadcast,
+    parse_push,
+    parse_room_push,
+)
+from im.bus import Bus, BusError, BusFull
 from im.config import Product
 from im.ids import id_time_ms, new_id
+from im.switches import Switches
 
 log = logging.getLogger("center.api")
 
@@ -34,8 +56,16 @@ UNMATCHED = "unmatched"
 #: Headers of aiohttp's own errors worth keeping on the JSON answer (405 lists the methods).
 KEPT_HEADERS = ("Allow",)
 
+#: Pin topics remembered as created; past this many the memory starts over.
+MAX_KNOWN_TOPICS = 1024
+
 HTTP_REQUESTS = Counter(
     "im_center_http_requests_total", "HTTP requests answered", ["route", "status"]
+)
+PUSH_SECONDS = Histogram(
+    "im_center_push_seconds",
+    "Time to accept one push: the register read and the publish on the bus",
+    ["job"],
 )
 
 
@@ -66,6 +96,10 @@ def _http_error_message(request: web.Request, exc: web.HTTPException, max_body: 
     return exc.reason
 
 
+def _error_response(exc: ApiError) -> web.Response:
+    return json_response(exc.body(), exc.status, exc.headers)
+
+
 def error_middleware(max_body: int) -> Middleware:
     """Every answer of 400 and above is the JSON error body, whoever raised it."""
 
@@ -73,8 +107,12 @@ def error_middleware(max_body: int) -> Middleware:
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         try:
             response = await handler(request)
+        except RegisterUnavailable:
+            response = _error_response(_unavailable("session register"))
+        except BusError as exc:
+            response = _error_response(_bus_refused(exc))
         except ApiError as exc:
-            response = json_response(exc.body(), exc.status, exc.headers)
+            response = _error_response(exc)
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise
@@ -92,11 +130,46 @@ def error_middleware(max_body: int) -> Middleware:
     return middleware
 
 
-class Api:
-    """The handlers; the product of a call is the one whose API key it presents."""
+class Publisher:
+    """Puts jobs on the bus: a room the switches pin to a worker goes to that worker's
+    topic (created on first use), everything else to the shared one."""
 
-    def __init__(self, router: PushRouter, products: Mapping[str, Product]) -> None:
-        self._router = router
+    def __init__(self, bus: Bus, switches: Callable[[], Switches | None]) -> None:
+        self._bus = bus
+        self._switches = switches
+        self._topics: set[str] = {PUSH_TOPIC}
+        self._warnings = WarnThrottle()
+
+    async def publish(self, job: Job) -> None:
+        """Returns once the bus holds the job durably; BusError (503) when it did not."""
+        switches = self._switches()
+        topic = job_topic(job, switches.room_pin if switches is not None else {})
+        try:
+            if topic not in self._topics:
+                await self._bus.ensure_topic(topic, PIN_PARTITIONS)
+                if len(self._topics) >= MAX_KNOWN_TOPICS:
+                    self._topics = {PUSH_TOPIC}
+                self._topics.add(topic)
+            await self._bus.publish(topic, job_key(job), encode_job(job))
+        except BusError as exc:
+            if self._warnings.ready(topic):
+                log.warning("publishing to %s failed: %s: %s", topic, type(exc).__name__, exc)
+            raise
+
+
+class Api:
+    """The handlers; the product of a call is the one whose API key it presents.
+
+    Pushes are published on the bus and delivered by the fan-out workers, so an answer
+    says what the register knew when the push was accepted, not what was delivered.
+    """
+
+    def __init__(
+        self, directory: Directory, publisher: Publisher, products: Mapping[str, Product]
+    ) -> None:
+        self._directory = directory
+        self._publisher = publisher
+        self._products = dict(products)
         self._keys = [(name, product.api_key.encode()) for name, product in products.items()]
         self._openapi = resources.files("center").joinpath("openapi.json").read_bytes()
 
@@ -123,21 +196,55 @@ class Api:
         product = self._product(request)
         push_request = parse_push(await request.read())
         message_id = new_id()
-        push = build_push(push_request, message_id, id_time_ms(message_id))
-        check_frame_size(push)
-        try:
-            online = await self._router.push(product, push_request.uids, push)
-        except RegisterUnavailable:
-            raise _register_down() from None
+        job = users_job(
+            product, push_request.uids, build_push(push_request, message_id, id_time_ms(message_id))
+        )
+        check_frame_size(job.msg)
+        with PUSH_SECONDS.labels("users").time():
+            online = await self._directory.online(product, push_request.uids)
+            await self._publisher.publish(job)
         return json_response({"id": message_id, "online": online})
+
+    async def push_room(self, request: web.Request) -> web.Response:
+        product = self._product(request)
+        room = check_room(request.match_info["room"])
+        room_request = parse_room_push(await request.read())
+        message_id = new_id()
+        push = build_push(room_request, message_id, id_time_ms(message_id))
+        job = room_job(product, room, push, room_request.sender)
+        check_frame_size(job.msg)
+        with PUSH_SECONDS.labels("room").time():
+            members = sum((await self._directory.room_instances(product, room)).values())
+            await self._publisher.publish(job)
+        return json_response({"id": message_id, "members": members})
+
+    async def push_broadcast(self, request: web.Request) -> web.Response:
+        product = self._product(request)
+        broadcast = parse_broadcast(await request.read())
+        spread_s = broadcast.spread_s
+        if spread_s is None:
+            spread_s = float(getattr(self._products[product], "broadcast_spread_s", 0.0))
+        message_id = new_id()
+        job = broadcast_job(
+            product, build_push(broadcast, message_id, id_time_ms(message_id)), spread_s
+        )
+        check_frame_size(job.msg)
+        with PUSH_SECONDS.labels("broadcast").time():
+            await self._publisher.publish(job)
+        return json_response({"id": message_id, "spread_s": spread_s})
+
+    async def room_info(self, request: web.Request) -> web.Response:
+        product = self._product(request)
+        room = check_room(request.match_info["room"])
+        instances = await self._directory.room_instances(product, room)
+        return json_response(
+            {"room": room, "members": sum(instances.values()), "instances": instances}
+        )
 
     async def user_sessions(self, request: web.Request) -> web.Response:
         product = self._product(request)
         uid = check_uid(request.match_info["uid"])
-        try:
-            sessions = await self._router.sessions(product, uid)
-        except RegisterUnavailable:
-            raise _register_down() from None
+        sessions = (await self._directory.lookup(product, [uid])).get(uid, [])
         listed = [{"conn": s.conn, "instance": s.instance, "device": s.device} for s in sessions]
         return json_response({"uid": uid, "sessions": listed})
 
@@ -151,18 +258,31 @@ class Api:
         return web.Response(body=self._openapi, content_type="application/json")
 
 
-def _register_down() -> ApiError:
+def _unavailable(what: str) -> ApiError:
     return ApiError(
-        503, UNAVAILABLE, "the session register is unavailable; retry later", {"Retry-After": "1"}
+        503, UNAVAILABLE, f"the {what} is unavailable; retry later", {"Retry-After": "1"}
     )
 
 
+def _bus_refused(exc: BusError) -> ApiError:
+    reason = "is full" if isinstance(exc, BusFull) else "is unavailable"
+    message = f"the message bus {reason}; nothing was pushed; retry later"
+    return ApiError(503, UNAVAILABLE, message, {"Retry-After": "1"})
+
+
 def build_app(
-    router: PushRouter, products: Mapping[str, Product], *, max_body: int = MAX_BODY
+    directory: Directory,
+    publisher: Publisher,
+    products: Mapping[str, Product],
+    *,
+    max_body: int = MAX_BODY,
 ) -> web.Application:
-    api = Api(router, products)
+    api = Api(directory, publisher, products)
     app = web.Application(middlewares=[error_middleware(max_body)], client_max_size=max_body)
     app.router.add_post("/v1/push/users", api.push_users)
+    app.router.add_post("/v1/push/rooms/{room}", api.push_room)
+    app.router.add_post("/v1/push/broadcast", api.push_broadcast)
+    app.router.add_get("/v1/rooms/{room}", api.room_info)
     app.router.add_get("/v1/users/{uid}/sessions", api.user_sessions)
     app.router.add_get("/healthz", api.healthz)
     app.router.add_get("/metrics", api.metrics)

@@ -6,9 +6,13 @@ import argparse
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from center.jobs import is_worker_name
 from im import settings
 
 ENV_PREFIX = "IM_CENTER_"
+WORKER_ENV_PREFIX = "IM_WORKER_"
+GROUP = "im-fanout"
+MAX_WORKERS = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -19,6 +23,17 @@ class CenterConfig:
     config: str | None = field(default=None, metadata={"help": "products TOML file"})
     rpc_timeout: float = field(default=2.0, metadata={"help": "seconds per register/room RPC"})
     max_body: int = field(default=1024 * 1024, metadata={"help": "largest request body, bytes"})
+    brokers: str | None = field(
+        default=None,
+        metadata={"help": "Kafka bootstrap servers host:port[,...]; the in-process bus if unset"},
+    )
+    workers: int = field(
+        default=1,
+        metadata={
+            "help": "fan-out workers run inside center (w0, w1, ...); 0 with --brokers when "
+            "they run as their own processes (python -m center.worker_main)"
+        },
+    )
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -27,6 +42,41 @@ class CenterConfig:
             raise ValueError("rpc_timeout must be positive")
         if self.max_body <= 0:
             raise ValueError("max_body must be positive")
+        if not 0 <= self.workers <= MAX_WORKERS:
+            raise ValueError(f"workers must be between 0 and {MAX_WORKERS}, got {self.workers}")
+        if self.workers == 0 and not self.brokers:
+            raise ValueError(
+                "workers 0 needs brokers: the in-process bus is only read by workers in center"
+            )
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerConfig:
+    brokers: str | None = field(
+        default=None, metadata={"help": "Kafka bootstrap servers host:port[,...] (required)"}
+    )
+    register: str = field(default="127.0.0.1:8070", metadata={"help": "register RPC host:port"})
+    name: str = field(
+        default="w0", metadata={"help": "worker name: room_pin names it; unique per worker"}
+    )
+    group: str = field(default=GROUP, metadata={"help": "consumer group shared by the workers"})
+    rpc_timeout: float = field(default=2.0, metadata={"help": "seconds per register/room RPC"})
+    host: str = field(default="127.0.0.1", metadata={"help": "listen address of /metrics"})
+    metrics_port: int = field(
+        default=8075, metadata={"help": "HTTP port of /metrics and /healthz, 0 for a free one"}
+    )
+
+    def __post_init__(self) -> None:
+        if not self.brokers:
+            raise ValueError("brokers is required: a worker process reads the Kafka bus")
+        if not is_worker_name(self.name):
+            raise ValueError(f"name must be 1 to 64 of A-Z a-z 0-9 _ -, got {self.name!r:.80}")
+        if not self.group:
+            raise ValueError("group must not be empty")
+        if self.rpc_timeout <= 0:
+            raise ValueError("rpc_timeout must be positive")
+        if not 0 <= self.metrics_port <= 65535:
+            raise ValueError(f"metrics_port must be between 0 and 65535, got {self.metrics_port}")
 
 
 def from_args(
@@ -39,5 +89,19 @@ def from_args(
     args = parser.parse_args(argv)
     try:
         return settings.build(CenterConfig, args, ENV_PREFIX, environ)
+    except ValueError as exc:
+        parser.error(str(exc))
+
+
+def worker_from_args(
+    argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
+) -> WorkerConfig:
+    parser = argparse.ArgumentParser(
+        prog="im worker", description="A fan-out worker: jobs from Kafka to the room instances."
+    )
+    settings.add_arguments(parser, WorkerConfig, WORKER_ENV_PREFIX)
+    args = parser.parse_args(argv)
+    try:
+        return settings.build(WorkerConfig, args, WORKER_ENV_PREFIX, environ)
     except ValueError as exc:
         parser.error(str(exc))

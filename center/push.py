@@ -1,10 +1,14 @@
-"""Routing a push: uids -> sessions (register) -> one RPC per room instance.
+"""What a push is routed through: the register's reads and the room instances' RPC.
 
-Lookups go to the register in batches; the sessions found are grouped by the instance
-that holds them, and each instance gets a single `push` RPC carrying all of its
-connections, all instances at once. An instance that is gone or fails costs only its own
-sessions: they are counted as not written and the push goes on. Only a register that
-cannot answer fails the whole call, because then nothing can be routed at all.
+Both halves of center use this. The API reads the register to answer (sessions online,
+room members) and to know the switches in force; the fan-out workers read it to route
+(sessions in batches, the room -> instances index, the node table) and call the rooms.
+
+A room RPC either answers, or finds its instance gone from the node table (its lease
+expired: nobody is left there to receive), or fails in a way worth retrying (cannot
+connect, no answer in time, overloaded). Those are retried with a doubling backoff; after
+the last try the caller hears `Unreachable` and decides (a worker leaves the job
+uncommitted so the bus redelivers it).
 """
 
 from __future__ import annotations
@@ -12,35 +16,37 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter
 
 from im.rpc import RpcClient, RpcError, RpcTimeout, RpcUnavailable
+from im.rpc.wire import OVERLOADED
 from im.sessions import Session, SessionStore
+from im.switches import SwitchError, Switches, SwitchStore, parse_switches
 
 log = logging.getLogger("center.push")
 
 LOOKUP_BATCH = 1000
 #: How long the node table (instance -> RPC address) is reused before asking again.
 NODE_CACHE_S = 1.0
-#: A session on an instance missing from the table refreshes it early, at most this often,
-#: so a room that just started is reachable at once without a lookup per push.
+#: An instance missing from the table (or failing) refreshes it early, at most this often,
+#: so a room that just started is reachable at once and one that left is seen as gone.
 NODE_MISS_REFRESH_S = 0.1
 #: A failing instance is logged at most once per interval, not once per push.
 WARN_INTERVAL_S = 5.0
+#: Retries of a room RPC that failed in a way worth retrying, and the first pause.
+RPC_RETRIES = 4
+RPC_BACKOFF_S = 0.1
+SWITCHES_POLL_S = 0.5
 #: The throttle subject of register failures (instance names are the others).
 REGISTER = "\0register"
 
-PUSH_SECONDS = Histogram("im_center_push_seconds", "Time to route one push to the rooms")
-SESSIONS_WRITTEN = Counter(
-    "im_center_sessions_written_total", "Sessions a push was written to, as the rooms report"
-)
-ROUTE_FAILURES = Counter(
-    "im_center_route_failures_total",
-    "Sessions a push could not be written to, by reason",
-    ["reason"],
+RPC_FAILURES = Counter(
+    "im_worker_rpc_failures_total",
+    "Room RPC attempts that failed, by method and reason (retried ones included)",
+    ["method", "reason"],
 )
 
 
@@ -68,7 +74,11 @@ class WarnThrottle:
 
 
 class RegisterUnavailable(Exception):
-    """The session register did not answer; no push can be routed."""
+    """The session register did not answer; nothing can be routed now."""
+
+
+class Unreachable(Exception):
+    """A live room instance did not answer, retries included."""
 
 
 def group_by_instance(found: Iterable[Sequence[Session]]) -> dict[str, list[str]]:
@@ -80,137 +90,201 @@ def group_by_instance(found: Iterable[Sequence[Session]]) -> dict[str, list[str]
     return groups
 
 
-def _failure_reason(exc: RpcError) -> str:
-    if isinstance(exc, RpcTimeout):
-        return "rpc_timeout"
-    if isinstance(exc, RpcUnavailable):
-        return "rpc_unavailable"
-    return "rpc_error"
+class Directory:
+    """The register's reads: batched session lookups, room index, cached node table."""
 
-
-class PushRouter:
-    """Sends pushes to the rooms; one RpcClient per room address, kept until it leaves."""
-
-    def __init__(
-        self,
-        store: SessionStore,
-        *,
-        rpc_timeout: float = 2.0,
-        lookup_batch: int = LOOKUP_BATCH,
-    ) -> None:
+    def __init__(self, store: SessionStore, *, lookup_batch: int = LOOKUP_BATCH) -> None:
         self._store = store
-        self._rpc_timeout = rpc_timeout
         self._lookup_batch = lookup_batch
         self._addresses: dict[str, str] = {}
         self._nodes_at = -float("inf")
         self._nodes_lock = asyncio.Lock()
+        self.warnings = WarnThrottle()
+
+    async def lookup(self, product: str, uids: Sequence[str]) -> dict[str, list[Session]]:
+        """Live sessions of `uids`, asked in batches of `lookup_batch`, all at once."""
+        step = self._lookup_batch
+        found = await asyncio.gather(
+            *(self._read(self._store.lookup(product, uids[i : i + step]), "lookup")
+              for i in range(0, len(uids), step))
+        )  # fmt: skip
+        merged: dict[str, list[Session]] = {}
+        for part in found:
+            merged.update(part)
+        return merged
+
+    async def online(self, product: str, uids: Sequence[str]) -> int:
+        found = await self.lookup(product, uids)
+        return sum(len(sessions) for sessions in found.values())
+
+    async def room_instances(self, product: str, room: str) -> dict[str, int]:
+        return await self._read(self._store.room_instances(product, room), "room index")
+
+    async def addresses(self, max_age: float = NODE_CACHE_S) -> dict[str, str]:
+        """instance -> RPC address of every live instance, at most `max_age` seconds old.
+        A new dict whenever it was refreshed, so holders can tell."""
+        if time.monotonic() - self._nodes_at < max_age:
+            return self._addresses
+        async with self._nodes_lock:
+            if time.monotonic() - self._nodes_at < max_age:  # another task just refreshed it
+                return self._addresses
+            nodes = await self._read(self._store.nodes(), "node table")
+            self._addresses = {node.instance: node.rpc for node in nodes}
+            self._nodes_at = time.monotonic()
+            self.warnings.forget_old()
+        return self._addresses
+
+    @property
+    def table(self) -> dict[str, str]:
+        """The node table as last read, without asking the register."""
+        return self._addresses
+
+    async def address(self, instance: str) -> str | None:
+        """The RPC address of `instance`, or None when it is not live (its lease is gone)."""
+        found = (await self.addresses()).get(instance)
+        if found is None:
+            found = (await self.addresses(NODE_MISS_REFRESH_S)).get(instance)
+        return found
+
+    async def _read(self, call: Any, what: str) -> Any:
+        try:
+            return await call
+        except Exception as exc:
+            if self.warnings.ready(REGISTER):
+                log.warning("register %s failed: %s: %s", what, type(exc).__name__, exc)
+            raise RegisterUnavailable(f"{what}: {exc}") from exc
+
+
+def _retry_reason(exc: RpcError) -> str | None:
+    """The metric reason of a failure worth retrying; None when the room answered."""
+    if isinstance(exc, RpcTimeout):
+        return "rpc_timeout"
+    if isinstance(exc, RpcUnavailable):
+        return "rpc_unavailable"
+    if exc.code == OVERLOADED:
+        return "overloaded"
+    return None
+
+
+class RoomCaller:
+    """RPCs to room instances by name; one RpcClient per address, kept until it leaves."""
+
+    def __init__(
+        self,
+        directory: Directory,
+        *,
+        rpc_timeout: float = 2.0,
+        retries: int = RPC_RETRIES,
+        backoff: float = RPC_BACKOFF_S,
+    ) -> None:
+        self._directory = directory
+        self._rpc_timeout = rpc_timeout
+        self._retries = retries
+        self._backoff = backoff
         self._clients: dict[str, RpcClient] = {}
-        self._warnings = WarnThrottle()
+        self._table: dict[str, str] = {}
 
-    async def sessions(self, product: str, uid: str) -> list[Session]:
-        found = await self._lookup(product, [uid])
-        return found.get(uid, [])
-
-    async def push(self, product: str, uids: Sequence[str], msg: Mapping[str, Any]) -> int:
-        """Write `msg` to every live session of `uids`; the number of sessions written."""
-        with PUSH_SECONDS.time():
-            step = self._lookup_batch
-            batches = [uids[i : i + step] for i in range(0, len(uids), step)]
-            results = await asyncio.gather(*(self._lookup(product, batch) for batch in batches))
-            groups = group_by_instance(s for found in results for s in found.values())
-            if not groups:
-                return 0
-            addresses = await self._node_addresses(NODE_CACHE_S)
-            if not groups.keys() <= addresses.keys():
-                addresses = await self._node_addresses(NODE_MISS_REFRESH_S)
-            written = await asyncio.gather(
-                *(
-                    self._push_instance(instance, addresses.get(instance), conns, msg)
-                    for instance, conns in groups.items()
-                )
-            )
-        total = sum(written)
-        SESSIONS_WRITTEN.inc(total)
-        return total
+    async def call(
+        self, instance: str, method: str, params: Any, *, extra_timeout: float = 0.0
+    ) -> Any | None:
+        """The room's answer, or None when there is no answer to wait for: the instance is
+        gone, or it refused the call (counted and logged). Unreachable after the retries;
+        RegisterUnavailable when the node table cannot be read."""
+        for attempt in range(self._retries + 1):
+            if attempt:
+                await asyncio.sleep(self._backoff * 2 ** (attempt - 1))
+            address = await self._directory.address(instance)
+            if address is None:
+                self._failed(instance, method, "gone", "not in the node table")
+                return None
+            try:
+                client = await self._client(address)
+            except ValueError as exc:
+                self._failed(instance, method, "bad_address", str(exc))
+                return None
+            try:
+                return await client.call(method, params, timeout=self._rpc_timeout + extra_timeout)
+            except RpcError as exc:
+                reason = _retry_reason(exc)
+                self._failed(instance, method, reason or "rpc_error", f"{address}: {exc}")
+                if reason is None:
+                    return None
+        raise Unreachable(f"{instance}: {method} failed {self._retries + 1} times")
 
     async def close(self) -> None:
         clients = list(self._clients.values())
         self._clients.clear()
         await asyncio.gather(*(client.close() for client in clients))
 
-    async def _lookup(self, product: str, uids: Sequence[str]) -> dict[str, list[Session]]:
-        try:
-            return await self._store.lookup(product, uids)
-        except Exception as exc:
-            if self._warnings.ready(REGISTER):
-                log.warning("register lookup failed: %s: %s", type(exc).__name__, exc)
-            raise RegisterUnavailable(str(exc)) from exc
-
-    async def _node_addresses(self, max_age: float) -> dict[str, str]:
-        if time.monotonic() - self._nodes_at < max_age:
-            return self._addresses
-        async with self._nodes_lock:
-            if time.monotonic() - self._nodes_at < max_age:  # another push just refreshed it
-                return self._addresses
-            try:
-                nodes = await self._store.nodes()
-            except Exception as exc:
-                if self._warnings.ready(REGISTER):
-                    log.warning("register node table failed: %s: %s", type(exc).__name__, exc)
-                raise RegisterUnavailable(str(exc)) from exc
-            self._addresses = {node.instance: node.rpc for node in nodes}
-            self._nodes_at = time.monotonic()
-            await self._drop_departed()
-        return self._addresses
-
-    async def _drop_departed(self) -> None:
-        """Close clients of addresses no longer in the node table, so they do not pile up."""
-        live = set(self._addresses.values())
-        gone = [address for address in self._clients if address not in live]
-        closing = [self._clients.pop(address).close() for address in gone]
-        await asyncio.gather(*closing, return_exceptions=True)
-        self._warnings.forget_old()
-
-    def _client(self, address: str) -> RpcClient:
+    async def _client(self, address: str) -> RpcClient:
+        table = self._directory.table
+        if table is not self._table:
+            self._table = table
+            await self._drop_departed(set(table.values()))
         client = self._clients.get(address)
         if client is None:
             client = RpcClient(address, timeout=self._rpc_timeout, name="center-room")
             self._clients[address] = client
         return client
 
-    async def _push_instance(
-        self, instance: str, address: str | None, conns: list[str], msg: Mapping[str, Any]
-    ) -> int:
-        if address is None:
-            self._failed(instance, "unknown_instance", len(conns), "not in the node table")
-            return 0
-        try:
-            client = self._client(address)
-        except ValueError as exc:
-            self._failed(instance, "bad_address", len(conns), str(exc))
-            return 0
-        params = {"items": [{"conns": conns, "msg": msg}]}
-        try:
-            reply = await client.call("push", params)
-        except RpcError as exc:
-            self._failed(instance, _failure_reason(exc), len(conns), f"{address}: {exc}")
-            return 0
-        written = reply.get("written") if isinstance(reply, dict) else None
-        if type(written) is not int or not 0 <= written <= len(conns):
-            self._failed(instance, "bad_reply", len(conns), f"{address} answered {reply!r:.200}")
-            return 0
-        missing = reply.get("missing")
-        if isinstance(missing, list) and missing:
-            ROUTE_FAILURES.labels("missing").inc(len(missing))
-        return written
+    async def _drop_departed(self, live: set[str]) -> None:
+        """Close clients of addresses no longer in the node table, so they do not pile up."""
+        gone = [self._clients.pop(a) for a in list(self._clients) if a not in live]
+        await asyncio.gather(*(client.close() for client in gone), return_exceptions=True)
 
-    def _failed(self, instance: str, reason: str, sessions: int, detail: str) -> None:
-        ROUTE_FAILURES.labels(reason).inc(sessions)
-        if self._warnings.ready(instance):
-            log.warning(
-                "push to room instance %r failed (%s, %d sessions not written): %s",
-                instance,
-                reason,
-                sessions,
-                detail,
-            )
+    def _failed(self, instance: str, method: str, reason: str, detail: str) -> None:
+        RPC_FAILURES.labels(method, reason).inc()
+        if self._directory.warnings.ready(instance):
+            log.warning("%s to room instance %r failed (%s): %s", method, instance, reason, detail)
+
+
+class SwitchesFeed:
+    """The switches in force, polled from the store; `current` is replaced whole, never
+    edited, so a reader sees one version. Calling the feed returns `current`. Without a
+    store there are no switches (None)."""
+
+    def __init__(self, store: SwitchStore | None, *, interval: float = SWITCHES_POLL_S) -> None:
+        self._store = store
+        self._interval = interval
+        self._version = 0
+        self._task: asyncio.Task[None] | None = None
+        self._warnings = WarnThrottle()
+        self.current: Switches | None = None
+
+    def __call__(self) -> Switches | None:
+        return self.current
+
+    async def start(self) -> None:
+        if self._store is None:
+            return
+        await self.poll()
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+
+    async def poll(self) -> None:
+        if self._store is None:
+            return
+        try:
+            got = await self._store.get_switches(self._version)
+        except Exception as exc:
+            if self._warnings.ready(REGISTER):
+                log.warning("reading the switches failed: %s: %s", type(exc).__name__, exc)
+            return
+        if got is None:
+            return
+        version, document = got
+        try:
+            self.current = parse_switches(document)
+        except SwitchError as exc:  # center checks before storing; keep the ones in force
+            log.error("switches version %d refused, keeping the old ones: %s", version, exc)
+        self._version = version
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval)
+            await self.poll()

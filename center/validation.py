@@ -15,20 +15,27 @@ import orjson
 from center.errors import INVALID_JSON, TOO_LARGE, ApiError, invalid_field
 from im.protocol.codec import Encoding, encode
 from im.protocol.framing import DEFAULT_MAX_FRAME
-from im.protocol.messages import PRIORITIES, integer, one_of, text
+from im.protocol.messages import PRIORITIES, integer, number, one_of, text
 
 MAX_UIDS = 10_000
 MAX_UID_LEN = 128
+MAX_ROOM_LEN = 128
 MAX_TYPE_LEN = 64
+MAX_SPREAD_S = 3600
 DEFAULT_TYPE = "chat"
 DEFAULT_PRI = "normal"
 DEFAULT_QOS = 0
-PUSH_FIELDS = ("uids", "type", "pri", "qos", "body")
+MESSAGE_FIELDS = ("type", "pri", "qos", "body")
+PUSH_FIELDS = ("uids", *MESSAGE_FIELDS)
+ROOM_FIELDS = (*MESSAGE_FIELDS, "from")
+BROADCAST_FIELDS = (*MESSAGE_FIELDS, "spread_s")
 
 _uid = text(MAX_UID_LEN)
+_room = text(MAX_ROOM_LEN)
 _type = text(MAX_TYPE_LEN)
 _pri = one_of(*PRIORITIES)
 _qos = integer(0, 1)
+_spread = number(0, MAX_SPREAD_S)
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +45,24 @@ class PushRequest:
     pri: str
     qos: int
     body: Any
+
+
+@dataclass(frozen=True, slots=True)
+class RoomPushRequest:
+    type: str
+    pri: str
+    qos: int
+    body: Any
+    sender: str | None  # "from": the audience member whose chat it is, for virtual sub-rooms
+
+
+@dataclass(frozen=True, slots=True)
+class BroadcastRequest:
+    type: str
+    pri: str
+    qos: int
+    body: Any
+    spread_s: float | None  # None: the product's default
 
 
 def parse_json_object(raw: bytes) -> dict[str, Any]:
@@ -55,6 +80,13 @@ def check_uid(uid: Any, field: str = "uid") -> str:
     if problem is not None:
         raise invalid_field(field, problem)
     return uid
+
+
+def check_room(room: Any) -> str:
+    problem = _room(room)
+    if problem is not None:
+        raise invalid_field("room", problem)
+    return room
 
 
 def _uids(value: Any) -> tuple[str, ...]:
@@ -79,27 +111,53 @@ def _optional(document: dict[str, Any], name: str, check: Any, default: Any) -> 
     return value
 
 
-def parse_push(raw: bytes) -> PushRequest:
-    """The body of POST /v1/push/users; unknown fields are refused so a typo is not ignored."""
+def _document(raw: bytes, fields: tuple[str, ...], required: tuple[str, ...]) -> dict[str, Any]:
+    """The JSON object of a body; unknown fields are refused so a typo is not ignored."""
     document = parse_json_object(raw)
     for name in document:
-        if name not in PUSH_FIELDS:
-            raise invalid_field(name[:64], f"is unknown; expected {', '.join(PUSH_FIELDS)}")
-    if "uids" not in document:
-        raise invalid_field("uids", "is required")
-    if "body" not in document:
-        raise invalid_field("body", "is required")
-    return PushRequest(
-        uids=_uids(document["uids"]),
-        type=_optional(document, "type", _type, DEFAULT_TYPE),
-        pri=_optional(document, "pri", _pri, DEFAULT_PRI),
-        qos=_optional(document, "qos", _qos, DEFAULT_QOS),
-        body=document["body"],
+        if name not in fields:
+            raise invalid_field(name[:64], f"is unknown; expected {', '.join(fields)}")
+    for name in required:
+        if name not in document:
+            raise invalid_field(name, "is required")
+    return document
+
+
+def _message(document: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "type": _optional(document, "type", _type, DEFAULT_TYPE),
+        "pri": _optional(document, "pri", _pri, DEFAULT_PRI),
+        "qos": _optional(document, "qos", _qos, DEFAULT_QOS),
+        "body": document["body"],
+    }
+
+
+def parse_push(raw: bytes) -> PushRequest:
+    """The body of POST /v1/push/users."""
+    document = _document(raw, PUSH_FIELDS, ("uids", "body"))
+    return PushRequest(uids=_uids(document["uids"]), **_message(document))
+
+
+def parse_room_push(raw: bytes) -> RoomPushRequest:
+    """The body of POST /v1/push/rooms/{room}."""
+    document = _document(raw, ROOM_FIELDS, ("body",))
+    sender = check_uid(document["from"], "from") if "from" in document else None
+    return RoomPushRequest(sender=sender, **_message(document))
+
+
+def parse_broadcast(raw: bytes) -> BroadcastRequest:
+    """The body of POST /v1/push/broadcast."""
+    document = _document(raw, BROADCAST_FIELDS, ("body",))
+    spread = _optional(document, "spread_s", _spread, None)
+    return BroadcastRequest(
+        spread_s=None if spread is None else float(spread), **_message(document)
     )
 
 
-def build_push(request: PushRequest, message_id: str, ts_ms: int) -> dict[str, Any]:
-    """The server `push` map the rooms write to each connection."""
+def build_push(
+    request: PushRequest | RoomPushRequest | BroadcastRequest, message_id: str, ts_ms: int
+) -> dict[str, Any]:
+    """The server `push` map the rooms write to each connection (room jobs add "room")."""
     return {
         "op": "push",
         "id": message_id,
