@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 from center.config import from_args
 from center.server import CenterServer
-from im.config import ConfigError, load_products
+from im.config import ConfigError, load_admin_key, load_products
 from im.service import run, setup_logging
 
 
@@ -16,6 +16,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     setup_logging()
     try:
         products = load_products(config.config)
+        admin_key = load_admin_key(config.config)
     except ConfigError as exc:
         sys.exit(f"im center: {exc}")
 
@@ -24,7 +25,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         from im.register_client import RegisterClient
 
         store = RegisterClient(config.register, timeout=config.rpc_timeout)
-        server = CenterServer(config, store, products, owns_store=True)
+        server = CenterServer(config, store, products, owns_store=True, admin_key=admin_key)
         await server.start()
         return server
 

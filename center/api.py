@@ -223,7 +223,7 @@ class Api:
         broadcast = parse_broadcast(await request.read())
         spread_s = broadcast.spread_s
         if spread_s is None:
-            spread_s = float(getattr(self._products[product], "broadcast_spread_s", 0.0))
+            spread_s = self._products[product].broadcast_spread_s
         message_id = new_id()
         job = broadcast_job(
             product, build_push(broadcast, message_id, id_time_ms(message_id)), spread_s

@@ -24,7 +24,6 @@ from prometheus_client import Counter
 from im.rpc import RpcClient, RpcError, RpcTimeout, RpcUnavailable
 from im.rpc.wire import OVERLOADED
 from im.sessions import Session, SessionStore
-from im.switches import SwitchError, Switches, SwitchStore, parse_switches
 
 log = logging.getLogger("center.push")
 
@@ -39,7 +38,6 @@ WARN_INTERVAL_S = 5.0
 #: Retries of a room RPC that failed in a way worth retrying, and the first pause.
 RPC_RETRIES = 4
 RPC_BACKOFF_S = 0.1
-SWITCHES_POLL_S = 0.5
 #: The throttle subject of register failures (instance names are the others).
 REGISTER = "\0register"
 
@@ -236,55 +234,3 @@ class RoomCaller:
         RPC_FAILURES.labels(method, reason).inc()
         if self._directory.warnings.ready(instance):
             log.warning("%s to room instance %r failed (%s): %s", method, instance, reason, detail)
-
-
-class SwitchesFeed:
-    """The switches in force, polled from the store; `current` is replaced whole, never
-    edited, so a reader sees one version. Calling the feed returns `current`. Without a
-    store there are no switches (None)."""
-
-    def __init__(self, store: SwitchStore | None, *, interval: float = SWITCHES_POLL_S) -> None:
-        self._store = store
-        self._interval = interval
-        self._version = 0
-        self._task: asyncio.Task[None] | None = None
-        self._warnings = WarnThrottle()
-        self.current: Switches | None = None
-
-    def __call__(self) -> Switches | None:
-        return self.current
-
-    async def start(self) -> None:
-        if self._store is None:
-            return
-        await self.poll()
-        self._task = asyncio.get_running_loop().create_task(self._run())
-
-    async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
-
-    async def poll(self) -> None:
-        if self._store is None:
-            return
-        try:
-            got = await self._store.get_switches(self._version)
-        except Exception as exc:
-            if self._warnings.ready(REGISTER):
-                log.warning("reading the switches failed: %s: %s", type(exc).__name__, exc)
-            return
-        if got is None:
-            return
-        version, document = got
-        try:
-            self.current = parse_switches(document)
-        except SwitchError as exc:  # center checks before storing; keep the ones in force
-            log.error("switches version %d refused, keeping the old ones: %s", version, exc)
-        self._version = version
-
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self._interval)
-            await self.poll()

@@ -13,11 +13,11 @@ from collections.abc import Sequence
 from aiohttp import web
 
 from center.config import WorkerConfig, worker_from_args
-from center.push import SwitchesFeed
 from center.worker import FanoutWorker
 from im.bus import open_bus
 from im.metrics import CONTENT_TYPE_LATEST, exposition
 from im.service import run
+from im.switches_feed import SwitchesFeed
 
 log = logging.getLogger("center.worker")
 

@@ -6,6 +6,7 @@ admin_key = "..."     # operators' key for /v1/admin (switches); never a busines
 secret = "..."        # signs client tokens (HS256 JWT)
 api_key = "..."       # business servers' Bearer key for center
 webhook = "https://..."  # optional: upstream messages and online events
+broadcast_spread_s = 30  # optional: default pacing window of broadcasts (seconds)
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ class Product:
     secret: str
     api_key: str
     webhook: str | None = None
+    broadcast_spread_s: float = 0.0  # default pacing window of this product's broadcasts
 
     def __repr__(self) -> str:  # secrets never reach logs through a repr
         return f"Product(name={self.name!r}, webhook={self.webhook!r})"
@@ -61,10 +63,13 @@ def _product(name: str, table: Any) -> Product:
         isinstance(webhook, str) and webhook.startswith(("http://", "https://"))
     ):
         raise ConfigError(f"{where} webhook must be an http:// or https:// URL")
-    unknown = set(table) - {"secret", "api_key", "webhook"}
+    spread = table.get("broadcast_spread_s", 0.0)
+    if isinstance(spread, bool) or not isinstance(spread, int | float) or not 0 <= spread <= 3600:
+        raise ConfigError(f"{where} broadcast_spread_s must be a number of seconds from 0 to 3600")
+    unknown = set(table) - {"secret", "api_key", "webhook", "broadcast_spread_s"}
     if unknown:
         raise ConfigError(f"{where} has unknown keys: {', '.join(sorted(unknown))}")
-    return Product(name, fields["secret"], fields["api_key"], webhook)
+    return Product(name, fields["secret"], fields["api_key"], webhook, float(spread))
 
 
 def _read(path: str | os.PathLike) -> dict[str, Any]:
@@ -76,12 +81,15 @@ def _read(path: str | os.PathLike) -> dict[str, Any]:
         raise ConfigError(f"config {path} is not valid TOML: {exc}") from None
 
 
-def load_admin_key(path: str | os.PathLike | None) -> str:
-    """The operators' key from the top of the config; the development key without one."""
+def load_admin_key(path: str | os.PathLike | None) -> str | None:
+    """The operators' key from the top of the config, the development key without a config,
+    None (admin API off) for a config that sets none."""
     path = path or os.environ.get(CONFIG_ENV)
     if not path:
         return DEV_ADMIN_KEY
     key = _read(path).get("admin_key")
+    if key is None:
+        return None
     if not isinstance(key, str) or len(key.encode()) < MIN_BYTES["api_key"]:
         raise ConfigError(f"admin_key must be a string of at least {MIN_BYTES['api_key']} bytes")
     return key

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 RESTART_PAUSE_S = 1.0
+MAX_WORKERS = 5  # worker i serves /metrics on register port + 5 + i, below center's port
 STOP_GRACE_S = 10.0
 
 
@@ -71,31 +72,45 @@ def plan(args: argparse.Namespace) -> list[Child]:
                 ],
             )
         )
-    children.append(
-        Child(
-            "center",
-            [
-                "center",
-                "--host",
-                host,
-                "--port",
-                str(args.center_port),
-                "--register",
-                register_address,
-                *common,
-            ],
-        )
-    )
+    # On Kafka the fan-out workers run as their own processes, as they would across hosts;
+    # the in-process bus can only be read by workers inside center.
+    bus = ["--brokers", args.kafka, "--workers", "0"] if args.kafka else []
+    center = ["center", "--host", host, "--port", str(args.center_port)]
+    children.append(Child("center", [*center, "--register", register_address, *bus, *common]))
+    if args.kafka:
+        for i in range(args.workers):
+            children.append(
+                Child(
+                    f"worker-{i}",
+                    [
+                        "center.worker_main",
+                        "--brokers",
+                        args.kafka,
+                        "--register",
+                        register_address,
+                        "--name",
+                        f"w{i}",
+                        "--host",
+                        host,
+                        "--metrics-port",
+                        str(args.register_port + 5 + i),
+                    ],
+                )
+            )
     return children
 
 
 def banner(args: argparse.Namespace) -> str:
     lines = [
-        f"center    http://{args.host}:{args.center_port}  (POST /v1/push/users, /metrics)",
+        f"center    http://{args.host}:{args.center_port}  (POST /v1/push/users, /metrics)"
+        f"  bus: {'kafka ' + args.kafka if args.kafka else 'in-process'}",
         f"register  {args.host}:{args.register_port} rpc, "
         f"http://{args.host}:{args.register_port + 1}/metrics  "
         f"({'redis ' + args.redis if args.redis else 'memory engine'})",
     ]
+    if args.kafka:
+        for i in range(args.workers):
+            lines.append(f"worker-{i}  http://{args.host}:{args.register_port + 5 + i}/metrics")
     for i in range(args.rooms):
         ws_port, tcp_port = args.base_port + 2 * i, args.base_port + 1 + 2 * i
         lines.append(f"room-{i}    ws://{args.host}:{ws_port}/ws  tcp://{args.host}:{tcp_port}")
@@ -119,9 +134,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="room i listens on WebSocket BASE+2i, TCP BASE+1+2i, RPC BASE+100+i (default 8090)",
     )
     parser.add_argument("--idc", default="default")
+    parser.add_argument(
+        "--kafka", default=None, help="Kafka bootstrap HOST:PORT for the bus (default in-process)"
+    )
+    parser.add_argument(
+        "--workers", type=int, default=1, help="fan-out worker processes with --kafka (default 1)"
+    )
     args = parser.parse_args(argv)
     if args.rooms < 1:
         parser.error("--rooms must be at least 1")
+    if args.kafka and not 1 <= args.workers <= MAX_WORKERS:
+        parser.error(f"--workers must be between 1 and {MAX_WORKERS} with --kafka")
 
     children = plan(args)
     stopping = False

@@ -25,7 +25,8 @@ from im.protocol.messages import PRIORITY_INDEX, validate_client, validate_serve
 from im.protocol.ws_handshake import http_response
 from im.rpc import RpcError
 from im.sessions import Node, Session, SessionStore
-from im.switches import SwitchError, Switches, parse_switches
+from im.switches import Switches
+from im.switches_feed import SwitchesFeed
 from room.chatrooms import ChatRooms
 from room.config import RoomConfig
 from room.connection import (
@@ -79,8 +80,7 @@ class Gateway:
         self._register_task: asyncio.Task | None = None
         self._loop = asyncio.get_running_loop()
         self._pong = {kind: enc({"op": "pong"}) for kind, enc in _ENCODERS.items()}
-        self.switches = Switches()  # defaults until the register has a document
-        self.switches_version = 0
+        self.switches_feed = SwitchesFeed(store, interval=config.switches_poll_s)
         self.rooms = ChatRooms(self)
 
     # -- framing -----------------------------------------------------------------------
@@ -290,23 +290,13 @@ class Gateway:
         )
         await self._store_call(self.store.put_node(node, self.config.node_ttl_s), "node")
 
-    async def refresh_switches(self) -> None:
-        """Swap in a newer switches document (one assignment: readers never see a mix)."""
-        try:
-            found = await self.store.get_switches(self.switches_version)
-        except (TimeoutError, RpcError, OSError) as exc:
-            log.warning("switches poll failed: %s", exc)
-            return
-        if found is None:
-            return
-        version, document = found
-        try:
-            switches = parse_switches(document)
-        except SwitchError as err:  # the store only holds validated documents
-            log.error("switches version %d refused: %s", version, err)
-            return
-        self.switches, self.switches_version = switches, version
-        log.info("switches version %d in force", version)
+    @property
+    def switches(self) -> Switches:
+        return self.switches_feed.current
+
+    @property
+    def switches_version(self) -> int:
+        return self.switches_feed.version
 
     async def refresh_idc(self) -> None:
         try:

@@ -81,12 +81,11 @@ class RoomServer:
         )
         stats.track(gateway)
         await gateway.renew_node()
-        await gateway.refresh_switches()
+        await gateway.switches_feed.start()
         self._loops = [
             asyncio.create_task(self._every(1.0, gateway.sweep)),
             asyncio.create_task(self._every_async(cfg.session_ttl_s / 3, gateway.renew)),
             asyncio.create_task(self._every_async(cfg.node_ttl_s / 3, gateway.renew_node)),
-            asyncio.create_task(self._every_async(cfg.switches_poll_s, gateway.refresh_switches)),
             asyncio.create_task(self._every_async(cfg.node_ttl_s / 3, gateway.refresh_idc)),
         ]
         log.info(
@@ -121,6 +120,7 @@ class RoomServer:
         for task in self._loops:
             task.cancel()
         self.gateway.shutdown()
+        await self.gateway.switches_feed.close()
         with contextlib.suppress(Exception):
             await self.store.remove_node(self.gateway.instance)
         await self.rpc.close()

@@ -94,3 +94,36 @@ def test_no_config_means_dev_product_and_a_warning(caplog, monkeypatch):
     monkeypatch.delenv("IM_CONFIG", raising=False)
     assert load_products(None) == dev_products()
     assert "development product" in caplog.text
+
+
+def test_broadcast_spread_default_per_product(tmp_path):
+    path = tmp_path / "im.toml"
+    path.write_text(
+        f'[products.a]\nsecret = "{S32}"\napi_key = "{K16}"\nbroadcast_spread_s = 30\n'
+        f'[products.b]\nsecret = "{S32}"\napi_key = "{"z" * 16}"\n'
+    )
+    products = load_products(path)
+    assert products["a"].broadcast_spread_s == 30.0
+    assert products["b"].broadcast_spread_s == 0.0
+    path.write_text(
+        f'[products.a]\nsecret = "{S32}"\napi_key = "{K16}"\nbroadcast_spread_s = 7200\n'
+    )
+    with pytest.raises(ConfigError, match="broadcast_spread_s"):
+        load_products(path)
+
+
+def test_admin_key_from_the_config(tmp_path, monkeypatch):
+    from im.config import DEV_ADMIN_KEY, load_admin_key
+
+    monkeypatch.delenv("IM_CONFIG", raising=False)
+    assert load_admin_key(None) == DEV_ADMIN_KEY
+    path = tmp_path / "im.toml"
+    path.write_text(
+        f'admin_key = "{"a" * 20}"\n[products.a]\nsecret = "{S32}"\napi_key = "{K16}"\n'
+    )
+    assert load_admin_key(path) == "a" * 20
+    path.write_text(f'[products.a]\nsecret = "{S32}"\napi_key = "{K16}"\n')
+    assert load_admin_key(path) is None  # no key configured: the admin API is off
+    path.write_text(f'admin_key = "short"\n[products.a]\nsecret = "{S32}"\napi_key = "{K16}"\n')
+    with pytest.raises(ConfigError, match="admin_key"):
+        load_admin_key(path)
