@@ -27,6 +27,10 @@ class CenterConfig:
         default=None,
         metadata={"help": "Kafka bootstrap servers host:port[,...]; the in-process bus if unset"},
     )
+    idempotence: bool = field(
+        default=False,
+        metadata={"help": "idempotent Kafka producer (the broker must support it)"},
+    )
     workers: int = field(
         default=1,
         metadata={

@@ -69,7 +69,7 @@ class CenterServer:
         self._store = store
         self._owns_store = owns_store
         self._owns_bus = bus is None
-        self.bus = open_bus(config.brokers) if bus is None else bus
+        self.bus = open_bus(config.brokers, idempotence=config.idempotence) if bus is None else bus
         if switch_store is None and hasattr(store, "get_switches"):
             switch_store = cast(SwitchStore, store)  # the register over RPC serves both
         self.switches = SwitchesFeed(switch_store)
