@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -86,26 +85,24 @@ class WorkerConfig:
 def from_args(
     argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
 ) -> CenterConfig:
-    parser = argparse.ArgumentParser(
-        prog="im center", description="The business-facing HTTP push API."
+    return settings.parse(
+        CenterConfig,
+        argv,
+        ENV_PREFIX,
+        prog="im center",
+        description="The business-facing HTTP push API.",
+        environ=environ,
     )
-    settings.add_arguments(parser, CenterConfig, ENV_PREFIX)
-    args = parser.parse_args(argv)
-    try:
-        return settings.build(CenterConfig, args, ENV_PREFIX, environ)
-    except ValueError as exc:
-        parser.error(str(exc))
 
 
 def worker_from_args(
     argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
 ) -> WorkerConfig:
-    parser = argparse.ArgumentParser(
-        prog="im worker", description="A fan-out worker: jobs from Kafka to the room instances."
+    return settings.parse(
+        WorkerConfig,
+        argv,
+        WORKER_ENV_PREFIX,
+        prog="im worker",
+        description="A fan-out worker: jobs from Kafka to the room instances.",
+        environ=environ,
     )
-    settings.add_arguments(parser, WorkerConfig, WORKER_ENV_PREFIX)
-    args = parser.parse_args(argv)
-    try:
-        return settings.build(WorkerConfig, args, WORKER_ENV_PREFIX, environ)
-    except ValueError as exc:
-        parser.error(str(exc))

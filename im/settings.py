@@ -12,7 +12,7 @@ import dataclasses
 import os
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -72,3 +72,22 @@ def build(
         if value is not None:
             values[f.name] = value
     return cls(**values)
+
+
+def parse(
+    cls: type[T],
+    argv: Sequence[str] | None,
+    env_prefix: str,
+    *,
+    prog: str,
+    description: str | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> T:
+    """A service's settings from its command line; a bad value exits with the usage."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    add_arguments(parser, cls, env_prefix)
+    args = parser.parse_args(argv)
+    try:
+        return build(cls, args, env_prefix, environ)
+    except ValueError as exc:
+        parser.error(str(exc))

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Sequence
 
 from im.service import run
-from register.config import RegisterConfig, add_arguments, from_args
+from register.config import RegisterConfig, from_args
 from register.server import RegisterServer
 
 
@@ -24,9 +23,7 @@ def open_stores(config: RegisterConfig):
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="im register", description=__doc__)
-    add_arguments(parser)
-    config = from_args(parser.parse_args(argv))
+    config = from_args(argv)
 
     async def start() -> RegisterServer:
         server = RegisterServer(config, *open_stores(config))

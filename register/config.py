@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import argparse
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from im import settings
@@ -19,11 +18,8 @@ class RegisterConfig:
     redis: str | None = field(default=None, metadata={"help": "redis:// URL; memory if unset"})
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    settings.add_arguments(parser, RegisterConfig, ENV_PREFIX)
-
-
 def from_args(
-    args: argparse.Namespace | None, environ: Mapping[str, str] | None = None
+    argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
 ) -> RegisterConfig:
-    return settings.build(RegisterConfig, args, ENV_PREFIX, environ)
+    """Flags win over IM_REGISTER_* environment variables, which win over defaults."""
+    return settings.parse(RegisterConfig, argv, ENV_PREFIX, prog="im register", environ=environ)

@@ -2,21 +2,18 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Sequence
 
 from im.config import ConfigError, load_products
 from im.register_client import RegisterClient
 from im.service import run, setup_logging
-from room.config import add_arguments, from_args
+from room.config import from_args
 from room.server import RoomServer
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="im room", description=__doc__)
-    add_arguments(parser)
-    config = from_args(parser.parse_args(argv))
+    config = from_args(argv)
     setup_logging()
     try:
         products = load_products(config.config)

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import argparse
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from im import settings
@@ -115,12 +114,8 @@ class RoomConfig:
 ENV_PREFIX = "IM_ROOM_"
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    settings.add_arguments(parser, RoomConfig, ENV_PREFIX)
-
-
 def from_args(
-    args: argparse.Namespace | None, environ: Mapping[str, str] | None = None
+    argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
 ) -> RoomConfig:
     """Flags win over IM_ROOM_* environment variables, which win over defaults."""
-    return settings.build(RoomConfig, args, ENV_PREFIX, environ)
+    return settings.parse(RoomConfig, argv, ENV_PREFIX, prog="im room", environ=environ)

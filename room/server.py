@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import socket
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 
 from im.config import Product
 from im.rpc import RpcServer
@@ -51,20 +51,16 @@ class RoomServer:
         loop = asyncio.get_running_loop()
         cfg = self.config
         gateway = self.gateway
-        ws_server = await loop.create_server(
-            lambda: WsConnection(gateway),
-            cfg.host,
-            cfg.ws_port,
-            backlog=BACKLOG,
-            reuse_port=cfg.reuse_port,
-        )
-        tcp_server = await loop.create_server(
-            lambda: TcpConnection(gateway),
-            cfg.host,
-            cfg.tcp_port,
-            backlog=BACKLOG,
-            reuse_port=cfg.reuse_port,
-        )
+        ws_server, tcp_server = [
+            await loop.create_server(
+                lambda kind=kind: kind(gateway),
+                cfg.host,
+                port,
+                backlog=BACKLOG,
+                reuse_port=cfg.reuse_port,
+            )
+            for kind, port in ((WsConnection, cfg.ws_port), (TcpConnection, cfg.tcp_port))
+        ]
         self._servers = [ws_server, tcp_server]
         ws_port = _bound_port(ws_server)
         tcp_port = _bound_port(tcp_server)
@@ -84,9 +80,9 @@ class RoomServer:
         await gateway.switches_feed.start()
         self._loops = [
             asyncio.create_task(self._every(1.0, gateway.sweep)),
-            asyncio.create_task(self._every_async(cfg.session_ttl_s / 3, gateway.renew)),
-            asyncio.create_task(self._every_async(cfg.node_ttl_s / 3, gateway.renew_node)),
-            asyncio.create_task(self._every_async(cfg.node_ttl_s / 3, gateway.refresh_idc)),
+            asyncio.create_task(self._every(cfg.session_ttl_s / 3, gateway.renew)),
+            asyncio.create_task(self._every(cfg.node_ttl_s / 3, gateway.renew_node)),
+            asyncio.create_task(self._every(cfg.node_ttl_s / 3, gateway.refresh_idc)),
         ]
         log.info(
             "room %s: websocket %s, tcp %s, rpc %s",
@@ -97,20 +93,13 @@ class RoomServer:
         )
 
     @staticmethod
-    async def _every(interval: float, fn) -> None:
+    async def _every(interval: float, fn: Callable[[], Awaitable[None] | None]) -> None:
         while True:
             await asyncio.sleep(interval)
             try:
-                fn()
-            except Exception:
-                log.exception("periodic %s failed", getattr(fn, "__name__", fn))
-
-    @staticmethod
-    async def _every_async(interval: float, fn) -> None:
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                await fn()
+                result = fn()
+                if result is not None:
+                    await result
             except Exception:
                 log.exception("periodic %s failed", getattr(fn, "__name__", fn))
 
