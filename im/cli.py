@@ -15,6 +15,7 @@ SERVICES = {
     "worker": "center.worker_main",
     "center": "center.__main__",
     "register": "register.__main__",
+    "saver": "saver.__main__",
 }
 
 
@@ -55,14 +56,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands = ["up", "token", "switch", *SERVICES]
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
         print(
-            "usage: im {up,token,switch,room,center,worker,register} [options]\n\n"
+            "usage: im {up,token,switch,room,center,worker,register,saver} [options]\n\n"
             "  up        start register, center and room instances (embedded engines by default)\n"
             "  token     print a client token for a product and uid\n"
             "  switch    get or set the live switches (big rooms, budgets, IDC limits)\n"
             "  room      run one room gateway instance\n"
             "  center    run the business HTTP API (and its fan-out workers)\n"
             "  worker    run a fan-out worker on Kafka (im worker --brokers HOST:PORT)\n"
-            "  register  run the session register\n\n"
+            "  register  run the session register\n"
+            "  saver     run the message store for at-least-once delivery\n\n"
             "Each command takes --help.",
             file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout,
         )
