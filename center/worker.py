@@ -343,29 +343,48 @@ class FanoutWorker:
 
     async def _series(self, jobs: list[tuple[int, Job]]) -> set[int]:
         """One room's (or one product's broadcast) jobs in order, up to the first unfinished."""
+        if jobs[0][1].kind == ROOM:
+            return await self._room(jobs)
         done = set()
         for i, job in jobs:
-            ok = await (self._room(job) if job.kind == ROOM else self._broadcast(job))
-            if not ok:
+            if not await self._broadcast(job):
                 break
             done.add(i)
         return done
 
-    async def _room(self, job: Job) -> bool:
+    async def _room(self, jobs: list[tuple[int, Job]]) -> set[int]:
+        """A room's jobs of one fetch: one lookup, and to each instance the messages in order
+        in as few `room_push` calls as fit, so a hot room is not one round trip per message."""
+        product, room = jobs[0][1].product, jobs[0][1].room
         try:
-            counts = await self._directory.room_instances(job.product, job.room)
+            counts = await self._directory.room_instances(product, room)
         except RegisterUnavailable:
-            return False
+            return set()
         total = sum(counts.values())
         switches = self._switches()
-        params = {
-            "product": job.product,
-            "room": job.room,
-            "msg": job.msg,
-            "shard": shard_of(job.sender, total, switches.shard_size if switches else 0),
-            "members_total": total,
-        }
-        return await self._each(job, [x for x, n in counts.items() if n > 0], "room_push", params)
+        shard_size = switches.shard_size if switches else 0
+        entries = [
+            _Item(i, job, [], len(msgpack.packb(job.msg))) for i, job in jobs
+        ]  # conns unused: the room knows its members
+
+        async def serve(instance: str) -> bool:
+            todo = [e for e in entries if instance not in self.ledger.served(e.job.id)]
+            for call in push_calls(todo):
+                params = {
+                    "product": product,
+                    "room": room,
+                    "members_total": total,
+                    "items": [
+                        {"msg": e.job.msg, "shard": shard_of(e.job.sender, total, shard_size)}
+                        for e in call
+                    ],
+                }
+                if not await self._call(instance, "room_push", params, ROOM, [e.job for e in call]):
+                    return False
+            return True
+
+        results = await asyncio.gather(*(serve(x) for x, n in counts.items() if n > 0))
+        return {i for i, _ in jobs} if all(results) else set()
 
     async def _broadcast(self, job: Job) -> bool:
         try:

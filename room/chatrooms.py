@@ -120,18 +120,30 @@ class ChatRooms:
     # -- room push ---------------------------------------------------------------------
 
     async def rpc_room_push(self, params: Any) -> dict[str, int]:
-        product, room, message = _room_params(params)
+        """One message (`msg`, `shard`) or several in order (`items`) for one room."""
+        product, room = _room_params(params)
+        items = params.get("items")
+        if items is None:
+            items = [{"msg": params.get("msg"), "shard": params.get("shard")}]
+        elif not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
+            raise RpcError("bad_request", "items must be a list of {'msg', 'shard'}")
+        checked = [(_push(item.get("msg")), _shard(item.get("shard"))) for item in items]
         group = self.groups.get((product, room))
         if group is None or not group.members:
             return {"written": 0, "dropped": 0}
         total = params.get("members_total")
         if isinstance(total, int) and total >= 0:
             group.members_total = total
-        shard = params.get("shard")
-        if shard is not None and not (
-            isinstance(shard, list) and len(shard) == 2 and 0 <= shard[0] < shard[1]
-        ):
-            raise RpcError("bad_request", "shard must be [index, count] with index < count")
+        written = dropped = 0
+        for message, shard in checked:
+            if self._room_message(group, message, shard):
+                written += len(group.members)
+            else:
+                dropped += len(group.members)
+        return {"written": written, "dropped": dropped}
+
+    def _room_message(self, group: RoomGroup, message: dict, shard: tuple[int, int] | None) -> bool:
+        """Apply the big-room rules to one message; False when they dropped it."""
         switches = self.gateway.switches
         now = self._loop.time()
         decision = group.policy.decide(message, group.known_members, switches, now)
@@ -141,14 +153,14 @@ class ChatRooms:
             decision = Decision.DROP_IDC
         reason = _DROP_REASONS.get(decision)
         if reason is not None:
-            self._count_drop(room, message["type"], reason)
-            return {"written": 0, "dropped": len(group.members)}
+            self._count_drop(group.name, message["type"], reason)
+            return False
         urgent = False
         if decision is Decision.DELIVER:
-            group.add(message, tuple(shard) if shard else None)
+            group.add(message, shard)
             urgent = message["pri"] == "high"
         self._mark(group, urgent)
-        return {"written": len(group.members), "dropped": 0}
+        return True
 
     def _count_drop(self, room: str, type_: str, reason: str) -> None:
         key = (room, type_, reason)
@@ -287,10 +299,23 @@ def _push(message: Any) -> dict:
     return message
 
 
-def _room_params(params: Any) -> tuple[str, str, dict]:
+def _shard(shard: Any) -> tuple[int, int] | None:
+    if shard is None:
+        return None
+    if not (
+        isinstance(shard, list)
+        and len(shard) == 2
+        and all(type(x) is int for x in shard)
+        and 0 <= shard[0] < shard[1]
+    ):
+        raise RpcError("bad_request", "shard must be [index, count] with index < count")
+    return shard[0], shard[1]
+
+
+def _room_params(params: Any) -> tuple[str, str]:
     if not isinstance(params, dict):
         raise RpcError("bad_request", "room_push needs a map")
     product, room = params.get("product"), params.get("room")
     if not isinstance(product, str) or not isinstance(room, str):
         raise RpcError("bad_request", "room_push needs 'product' and 'room' strings")
-    return product, room, _push(params.get("msg"))
+    return product, room

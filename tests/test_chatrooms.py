@@ -273,3 +273,19 @@ async def test_high_priority_flushes_the_room_at_once_and_takes_waiting_frames_a
     second = await member.recv(timeout=1)
     assert time.monotonic() - started < 0.5
     assert {first["body"]["n"], second["body"]["n"]} == {1, 2}
+
+
+async def test_several_messages_in_one_room_push_keep_their_order(make_system):
+    system = await make_system(rooms=1, center=False)
+    member = await joined(system, "u", "r1")
+    items = [{"msg": push(n), "shard": None} for n in range(5)]
+    answer = await system.room_rpc(0).call(
+        "room_push", {"product": "demo", "room": "r1", "items": items, "members_total": 1}
+    )
+    assert answer == {"written": 5, "dropped": 0}
+    assert [m["body"]["n"] for m in await drain(member)] == [0, 1, 2, 3, 4]
+    with pytest.raises(Exception, match="bad_request"):
+        await system.room_rpc(0).call(
+            "room_push",
+            {"product": "demo", "room": "r1", "items": [{"msg": push(9), "shard": [3, 2]}]},
+        )

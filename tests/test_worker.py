@@ -60,6 +60,7 @@ class Room:
         self.pushes: list[dict[str, Any]] = []  # push items, as received
         self.push_calls = 0
         self.room_pushes: list[dict[str, Any]] = []
+        self.room_push_calls = 0
         self.broadcasts: list[dict[str, Any]] = []
         self.lose_next = 0  # answers to drop: the caller times out, nothing is delivered
         self.port = 0
@@ -95,8 +96,12 @@ class Room:
         return {"written": sum(len(item["conns"]) for item in params["items"]), "missing": []}
 
     async def _room_push(self, params: dict[str, Any]) -> dict[str, Any]:
-        self.room_pushes.append(params)
-        return {"written": 1, "dropped": 0}
+        """Recorded one entry per message, whether it came alone or among `items`."""
+        self.room_push_calls += 1
+        items = params.get("items") or [{"msg": params["msg"], "shard": params["shard"]}]
+        common = {k: v for k, v in params.items() if k not in ("items", "msg", "shard")}
+        self.room_pushes.extend({**common, **item} for item in items)
+        return {"written": len(items), "dropped": 0}
 
     async def _broadcast(self, params: dict[str, Any]) -> dict[str, Any]:
         self.broadcasts.append(params)
@@ -254,6 +259,23 @@ async def test_room_jobs_reach_the_rooms_instances_with_the_senders_shard(
     assert first["shard"] == [zlib.crc32(b"fan-1") % 3, 3]
     assert first["msg"] == {**audience.msg, "room": "r1"} and audience.msg["room"] == "r1"
     assert room_b.room_pushes[1]["shard"] is None  # no sender: every shard
+
+
+async def test_a_hot_rooms_jobs_share_room_push_calls_in_order(
+    bus, store, rooms, make_worker
+) -> None:
+    await store.put_rooms("room-a", [("demo", "hot", 100)], TTL)
+    jobs = [room_job("demo", "hot", _msg(n=n)) for n in range(50)]
+    await _publish(bus, *jobs)
+    done = _metric("im_worker_jobs_total", job="room", result="done")
+    await make_worker()
+    await eventually(
+        lambda: _metric("im_worker_jobs_total", job="room", result="done") >= done + 50,
+        timeout=WAIT,
+    )
+    room = rooms["room-a"]
+    assert room.ids() == [job.id for job in jobs]
+    assert room.room_push_calls < 50  # one call per fetched batch, not per message
 
 
 async def test_broadcast_reaches_every_live_instance_once(bus, store, rooms, make_worker) -> None:
