@@ -4,6 +4,12 @@ One asyncio.Protocol object per connection and no Task per connection: ten thous
 clients must fit beside the server on a small box without measuring the client instead.
 A worker connects its share, answers server pings, sends the protocol's heartbeat from
 one ticker, times every push it receives, and reports to the parent over a pipe.
+
+In a chat room every member receives the same bytes each room tick, so a worker decodes a
+chunk of room frames once (`summarize`) and counts the other members' identical chunks
+from a cache keyed by those bytes: counting stays a dict lookup per chunk, not Python work
+per message. Latency is taken per chunk for high-priority pushes on every client and for
+every push on the probe clients only.
 """
 
 from __future__ import annotations
@@ -27,19 +33,22 @@ import orjson
 import uvloop
 
 from bench import procstat
+from bench.latency import Histogram
 from im.auth import issue_token
 from im.config import Product
 from im.protocol import websocket as ws
 from im.protocol.framing import FrameDecoder, frame
 
-# Client states.
-CONNECTING, HANDSHAKE, AUTH_WAIT, ONLINE, CLOSED = range(5)
+# Client states; ONLINE is after auth_ok, and after joined when the run uses a room.
+CONNECTING, HANDSHAKE, AUTH_WAIT, JOINING, ONLINE, CLOSED = range(6)
 
 MAX_SERVER_FRAME = 1024 * 1024
 MAX_HANDSHAKE_RESPONSE = 16 * 1024
 MAX_PENDING_CONNECTS = 256
 MAX_ERROR_KINDS = 32
 TOKEN_TTL_S = 24 * 3600
+MAX_CACHED_CHUNKS = 4096  # distinct room chunks remembered per worker; then start over
+MAX_PROBE_COUNT = 255
 DEFAULT_HEARTBEAT_S = 25.0
 
 _unpack_medium = struct.Struct("!H").unpack_from
@@ -64,6 +73,11 @@ class ServerFrameParser:
         self._buf: bytearray | None = None
         self._frag: bytearray | None = None
         self._frag_op = 0
+
+    @property
+    def idle(self) -> bool:
+        """Between frames: the next bytes start a new frame."""
+        return self._buf is None and self._frag is None
 
     def feed(self, data: bytes) -> list[tuple[int, bytes]]:
         buf: bytes | bytearray
@@ -175,14 +189,72 @@ class WorkerSpec:
     connect_timeout: float
     ping_interval: float | None  # None: the heartbeat the server gave in auth_ok
     report_interval: float = 0.25
+    room: str | None = None  # join this chat room after auth and tally its pushes
+    probe_every: int = 0  # client i is a probe when i % probe_every == 0; 0 = no probes
+    seq_total: int = 0  # sequence numbers a probe records (0 .. seq_total-1)
+
+
+class Chunk:
+    """What the room pushes in one received chunk amount to; shared by every client that
+    receives the same bytes, and hashed by identity."""
+
+    __slots__ = ("counts", "total", "like_units", "high_sent", "sent", "seqs")
+
+    def __init__(self) -> None:
+        self.counts: dict[tuple[str, str], int] = {}  # pushes by (type, pri)
+        self.total = 0
+        self.like_units = 0  # likes: 1 per like push, `count` per merged one
+        self.high_sent: list[int] = []  # body "t" of the high-priority pushes
+        self.sent: list[int] = []  # body "t" of every push
+        self.seqs: list[int] = []  # body "seq" of every push
+
+
+def _label(value: Any) -> str:
+    return value if type(value) is str else "?"
+
+
+def summarize(messages: list[dict[str, Any]]) -> Chunk:
+    """Tally push and batch maps; a batch counts each push it holds."""
+    chunk = Chunk()
+    counts = chunk.counts
+    for message in messages:
+        if message.get("op") == "batch":
+            items = message.get("msgs")
+            if type(items) is not list:
+                continue
+        else:
+            items = [message]
+        for push in items:
+            if type(push) is not dict:
+                continue
+            mtype, pri = _label(push.get("type")), _label(push.get("pri"))
+            counts[mtype, pri] = counts.get((mtype, pri), 0) + 1
+            chunk.total += 1
+            body = push.get("body")
+            if type(body) is not dict:
+                body = {}
+            if mtype == "like":
+                count = body.get("count")
+                merged = body.get("merged") is True and type(count) is int
+                chunk.like_units += count if merged else 1
+            sent, seq = body.get("t"), body.get("seq")
+            if type(sent) is int:
+                chunk.sent.append(sent)
+                if pri == "high":
+                    chunk.high_sent.append(sent)
+            if type(seq) is int:
+                chunk.seqs.append(seq)
+    return chunk
 
 
 class Client(asyncio.Protocol):
-    __slots__ = ("worker", "index", "transport", "state", "parser")
+    __slots__ = ("worker", "index", "transport", "state", "parser", "probe")
 
     def __init__(self, worker: Worker, index: int) -> None:
         self.worker = worker
         self.index = index
+        # A probe's receipts per sequence number (capped at MAX_PROBE_COUNT); else None.
+        self.probe: bytearray | None = None
         # uvloop's transports are not asyncio.Transport subclasses.
         self.transport: Any = None
         self.state = CONNECTING
@@ -194,6 +266,10 @@ class Client(asyncio.Protocol):
         state, self.state = self.state, CLOSED
         self.parser = None
         self.worker.lost(state)
+
+    def send(self, message: dict[str, Any]) -> None:
+        """Write one message in this client's wire format."""
+        raise NotImplementedError
 
     def fail(self, reason: str) -> None:
         self.worker.error(reason)
@@ -214,16 +290,28 @@ class TcpClient(Client):
             return
         self.parser = FrameDecoder(MAX_SERVER_FRAME)
         self.state = AUTH_WAIT
-        self.transport.write(frame(msgpack.packb(worker.auth_map(self.index))))
+        self.send(worker.auth_map(self.index))
+
+    def send(self, message: dict[str, Any]) -> None:
+        self.transport.write(frame(msgpack.packb(message)))
 
     def data_received(self, data: bytes) -> None:
-        if self.parser is None:
+        parser = self.parser
+        if parser is None:
             return
+        worker = self.worker
+        clean = worker.room is not None and self.state == ONLINE and not parser.buffered
+        if clean:
+            chunk = worker.chunks.get(data)
+            if chunk is not None:
+                worker.count_chunk(self, chunk)
+                return
         try:
-            for payload in self.parser.feed(data):
-                self.worker.message(self, msgpack.unpackb(payload))
+            messages = [msgpack.unpackb(payload) for payload in parser.feed(data)]
         except (ValueError, msgpack.UnpackException) as exc:
             self.fail(f"bad frame from server: {exc}")
+            return
+        worker.received(self, messages, data if clean and not parser.buffered else None)
 
 
 class WsClient(Client):
@@ -236,35 +324,48 @@ class WsClient(Client):
         requests = self.worker.requests
         self.transport.write(requests[self.index % len(requests)])
 
+    def send(self, message: dict[str, Any]) -> None:
+        self.transport.write(self.worker.ws_frame(message))
+
     def data_received(self, data: bytes) -> None:
         if self.state == HANDSHAKE:
             data = self._handshake(data)
             if not data:
                 return
         worker = self.worker
+        parser = self.parser
+        clean = worker.room is not None and self.state == ONLINE and parser.idle
+        if clean:
+            chunk = worker.chunks.get(data)
+            if chunk is not None:
+                worker.count_chunk(self, chunk)
+                return
         try:
-            events = self.parser.feed(data)
+            events = parser.feed(data)
         except ServerFrameError as exc:
             self.fail(str(exc))
             return
+        messages = []
         for opcode, payload in events:
             if opcode == ws.OP_BINARY or opcode == ws.OP_TEXT:
                 try:
                     if opcode == ws.OP_TEXT:
-                        message = orjson.loads(payload)
+                        messages.append(orjson.loads(payload))
                     else:
-                        message = msgpack.unpackb(payload)
+                        messages.append(msgpack.unpackb(payload))
                 except (ValueError, msgpack.UnpackException) as exc:
                     self.fail(f"undecodable message: {exc}")
                     return
-                worker.message(self, message)
-            elif opcode == ws.OP_PING:
+                continue
+            clean = False
+            if opcode == ws.OP_PING:
                 self.transport.write(ws.encode_client_frame(ws.OP_PONG, payload))
             elif opcode == ws.OP_CLOSE:
                 code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1005
                 worker.error(f"close {code} {payload[2:].decode(errors='replace')}")
                 self.transport.close()
-                return
+                break
+        worker.received(self, messages, data if clean and parser.idle else None)
 
     def _handshake(self, data: bytes) -> bytes:
         head: bytearray = self.parser
@@ -283,7 +384,7 @@ class WsClient(Client):
         worker = self.worker
         if worker.spec.auth:
             self.state = AUTH_WAIT
-            self.transport.write(worker.ws_frame(worker.auth_map(self.index)))
+            self.send(worker.auth_map(self.index))
         else:
             worker.online_now(self)
         return leftover
@@ -313,6 +414,18 @@ class Worker:
         self.errors: Counter[str] = Counter()
         self.seqs: list[int] = []
         self.lats: list[int] = []
+        # Room tallies: chunks by their bytes, and how often each was received since the
+        # last fold into the counts by (type, pri).
+        self.room = spec.room
+        self.chunks: dict[bytes, Chunk] = {}
+        self.hits: dict[Chunk, int] = {}
+        self.room_pushes = 0
+        self.by_type: Counter[tuple[str, str]] = Counter()
+        self.like_units = 0
+        self.high_latency = Histogram()
+        self.probe_latency = Histogram()
+        self.probes: list[bytearray] = []
+        self.stray = 0  # probe receipts with a sequence number outside the run
         self.hb = spec.ping_interval
         self.first_start = 0.0
         self.last_online = 0.0
@@ -333,6 +446,14 @@ class Worker:
             return ws.encode_client_frame(ws.OP_TEXT, orjson.dumps(message))
         return ws.encode_client_frame(ws.OP_BINARY, msgpack.packb(message))
 
+    def probe_for(self, index: int) -> bytearray | None:
+        every = self.spec.probe_every
+        if self.room is None or not every or index % every:
+            return None
+        probe = bytearray(self.spec.seq_total)
+        self.probes.append(probe)
+        return probe
+
     def ping_frame(self) -> bytes:
         if self._ping_frame is None:
             ping = {"op": "ping"}
@@ -347,8 +468,72 @@ class Worker:
 
     def online_now(self, client: Client) -> None:
         client.state = ONLINE
+        client.probe = self.probe_for(client.index)
         self.online.append(client)
         self.last_online = time.time()
+
+    def received(self, client: Client, messages: list[Any], key: bytes | None) -> None:
+        """Messages of one chunk; `key`: the chunk's bytes when it began and ended between
+        frames, so that its room pushes may be remembered for the other members."""
+        if self.room is None:
+            for message in messages:
+                self.message(client, message)
+            return
+        pushes = []
+        for message in messages:
+            if type(message) is dict and message.get("op") in ("push", "batch"):
+                pushes.append(message)
+            else:
+                self.message(client, message)
+        if not pushes:
+            return
+        chunk = summarize(pushes)
+        if key is not None and len(pushes) == len(messages):
+            if len(self.chunks) >= MAX_CACHED_CHUNKS:
+                self.chunks.clear()
+            self.chunks[key] = chunk
+        self.count_chunk(client, chunk)
+
+    def count_chunk(self, client: Client, chunk: Chunk) -> None:
+        hits = self.hits
+        hits[chunk] = hits.get(chunk, 0) + 1
+        self.room_pushes += chunk.total
+        probe = client.probe
+        if chunk.high_sent or (probe is not None and chunk.sent):
+            now = time.time_ns()
+            for sent in chunk.high_sent:
+                self.high_latency.add(now - sent)
+            if probe is not None:
+                for sent in chunk.sent:
+                    self.probe_latency.add(now - sent)
+        if probe is not None:
+            size = len(probe)
+            for seq in chunk.seqs:
+                if 0 <= seq < size:
+                    if probe[seq] < MAX_PROBE_COUNT:
+                        probe[seq] += 1
+                else:
+                    self.stray += 1
+
+    def fold(self) -> None:
+        """Turn chunk hits into counts by (type, pri)."""
+        hits, self.hits = self.hits, {}
+        for chunk, n in hits.items():
+            for key, count in chunk.counts.items():
+                self.by_type[key] += count * n
+            self.like_units += chunk.like_units * n
+
+    def room_tally(self) -> dict[str, Any]:
+        """Everything the parent needs about the room pushes, picklable."""
+        self.fold()
+        return {
+            "by_type": [(t, p, n) for (t, p), n in self.by_type.items()],
+            "like_units": self.like_units,
+            "high_latency": (self.high_latency.buckets, self.high_latency.max_ns),
+            "probe_latency": (self.probe_latency.buckets, self.probe_latency.max_ns),
+            "probes": [bytes(p) for p in self.probes],
+            "stray": self.stray,
+        }
 
     def message(self, client: Client, message: Any) -> None:
         if type(message) is not dict:
@@ -368,6 +553,13 @@ class Worker:
             if client.state == AUTH_WAIT:
                 if self.hb is None:
                     self.hb = float(message.get("hb") or DEFAULT_HEARTBEAT_S)
+                if self.room is None:
+                    self.online_now(client)
+                else:
+                    client.state = JOINING
+                    client.send({"op": "join", "room": self.room})
+        elif op == "joined":
+            if client.state == JOINING and message.get("room") == self.room:
                 self.online_now(client)
         elif op == "error":
             self.error(f"error {message.get('code')}: {message.get('reason')}")
@@ -463,10 +655,12 @@ class Worker:
             "failed": self.failed,
             "dropped": self.dropped,
             "unmarked": self.pushes_unmarked,
+            "room_pushes": self.room_pushes,
             "errors": dict(self.errors),
         }
 
     def report(self, kind: str, **extra: Any) -> None:
+        self.fold()
         seqs, lats = self.seqs, self.lats
         self.seqs, self.lats = [], []
         self.pipe.send((kind, self.spec.worker, self.counts(), seqs, lats, extra))
@@ -484,10 +678,15 @@ class Worker:
         if command == "stop":
             self.loop.remove_reader(self.pipe.fileno())
             self.stop.set()
+        elif command == "tally" and self.room is not None:
+            self.report("tally", room=self.room_tally())
 
     async def run(self) -> None:
         rss_before = procstat.rss_bytes(os.getpid())
         self.loop.add_reader(self.pipe.fileno(), self._command)
+        # The loop made the pipe non-blocking; a report larger than the pipe buffer (a room
+        # tally) must wait for the parent to read instead of failing half-written.
+        os.set_blocking(self.pipe.fileno(), True)
         background = [
             self.loop.create_task(self.reporter()),
             self.loop.create_task(self.heartbeats()),

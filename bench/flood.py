@@ -7,6 +7,13 @@ Scenarios:
            through center's HTTP API, each to one random online client; report delivery
            latency (receipt - API call start), losses, duplicates, and CPU per delivered
            message of the room (and of center and register when found on this host).
+  room     N clients spread over --rooms instances join one chat room (--room); the
+           switches (--switches degraded|off|FILE) are put through the admin API first; then
+           --rate messages per second of a live-room mix (bench/liveroom.py) go to the room
+           through center for --duration seconds. Reported per kind: sent, delivered (sum
+           over clients), expected (sent x members) and the shortfall, the rooms' switch
+           drops from their /metrics, publish-to-client latency (high priority on every
+           client, every push on --probes clients), and CPU per delivered message.
 
 Clients run in --procs worker processes (asyncio Protocols on uvloop, no Task per
 connection) and report to this process over pipes. A progress line goes to stderr every
@@ -35,7 +42,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import aiohttp
 import orjson
 import uvloop
 
@@ -43,14 +49,21 @@ from im.config import ConfigError, load_products
 
 if __package__ in (None, ""):  # run as `python3 bench/flood.py`: make `bench` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench import clients, procstat  # noqa: E402
+from bench import clients, procstat, roomrun  # noqa: E402
 from bench.clients import Target, WorkerSpec  # noqa: E402
+from bench.poster import PacedPoster  # noqa: E402
 
 RSS_SAMPLES = 3
 RSS_SAMPLE_GAP_S = 0.5
 STOP_TIMEOUT_S = 15.0
 RECENT_LATENCIES = 5000
-HTTP_TIMEOUT_S = 10.0
+#: Defaults that depend on the scenario: (room, the others).
+SCENARIO_DEFAULTS = {
+    "clients": (10_000, 1000),
+    "duration": (60.0, 10.0),
+    "rooms": (2, 1),
+    "grace": (120.0, 5.0),
+}
 
 
 def pid_list(text: str) -> list[int]:
@@ -70,8 +83,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add = parser.add_argument
-    add("--scenario", choices=("idle", "unicast"), default="idle", help="what to measure")
-    add("--clients", type=int, default=1000, help="connections to open (default 1000)")
+    add("--scenario", choices=("idle", "unicast", "room"), default="idle", help="what to measure")
+    add("--clients", type=int, default=None, help="connections (default 1000; room 10000)")
     add("--transport", choices=("ws", "tcp"), default="ws", help="client transport (default ws)")
     add(
         "--encoding",
@@ -86,7 +99,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="comma list of room addresses (ws://HOST:PORT/PATH or tcp://HOST:PORT); "
         "client i uses address i %% count. Default: --rooms instances from --base-port",
     )
-    add("--rooms", type=int, default=1, help="room instances for the default targets (default 1)")
+    add(
+        "--rooms",
+        type=int,
+        default=None,
+        help="room instances for the default targets (default 1; room scenario 2)",
+    )
     add(
         "--base-port",
         type=int,
@@ -122,20 +140,48 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="seconds after the last connect attempt to wait for every client to be online; "
         "the rest count as failed (default 60)",
     )
-    add("--duration", type=float, default=10.0, help="idle: hold time; unicast: push time (s)")
-    add("--rate", type=float, default=100.0, help="unicast: pushes per second (default 100)")
+    add(
+        "--duration",
+        type=float,
+        default=None,
+        help="idle: hold time; unicast, room: push time (s) (default 10; room 60)",
+    )
+    add("--rate", type=float, default=100.0, help="unicast, room: pushes per second (default 100)")
     add(
         "--http-concurrency",
         type=int,
         default=64,
-        help="unicast: most push API calls in flight (keep-alive connections) (default 64)",
+        help="unicast, room: most push API calls in flight (keep-alive connections) (default 64)",
     )
     add(
         "--grace",
         type=float,
-        default=5.0,
-        help="unicast: seconds after the last API answer to wait for deliveries; an accepted "
-        "push not received by then is lost (default 5)",
+        default=None,
+        help="unicast, room: seconds after the last API answer to wait for deliveries; an "
+        "accepted push not received by then is lost; a room run stops earlier once no push "
+        f"arrived for {roomrun.QUIET_S} s (default 5; room 120)",
+    )
+    add("--room", default="live", help="room: the chat room every client joins (default live)")
+    add(
+        "--switches",
+        default=None,
+        metavar="degraded|off|FILE",
+        help="room: switches to put in force first: 'degraded' makes the room big with a "
+        "budget, type shares, enter notices dropped, likes merged and low traffic batched; "
+        "'off' lets no room be big; FILE is a whole switch document (JSON). They stay in "
+        "force after the run. Default: leave the switches as they are",
+    )
+    add(
+        "--admin-key",
+        default=os.environ.get("IM_ADMIN_KEY", "dev-admin"),
+        help="room: center admin key for --switches (default $IM_ADMIN_KEY or dev-admin)",
+    )
+    add(
+        "--probes",
+        type=int,
+        default=200,
+        help="room: clients that time every push and record sequence numbers; the others "
+        "time only high-priority pushes (default 200)",
     )
     add("--type", default="chat", help="unicast: message type (default chat)")
     add("--pri", choices=("high", "normal", "low"), default="high", help="unicast priority")
@@ -172,6 +218,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add("--uid-prefix", default=None, help="uids are PREFIX0..PREFIXN-1 (default random)")
     add("--json", default=None, metavar="FILE", help="also write the JSON summary to FILE")
     args = parser.parse_args(argv)
+    for name, (room, other) in SCENARIO_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, room if args.scenario == "room" else other)
     if args.clients < 1:
         parser.error("--clients must be at least 1")
     if args.procs < 1:
@@ -180,11 +229,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error("--rooms must be at least 1")
     if args.transport == "tcp" and args.encoding == "json":
         parser.error("--encoding json is for WebSocket; TCP frames carry msgpack")
-    if args.scenario == "unicast":
+    if args.scenario in ("unicast", "room"):
         if args.no_auth:
-            parser.error("unicast needs authenticated clients; drop --no-auth")
+            parser.error(f"{args.scenario} needs authenticated clients; drop --no-auth")
         if args.rate <= 0 or args.duration <= 0:
-            parser.error("unicast needs a positive --rate and --duration")
+            parser.error(f"{args.scenario} needs a positive --rate and --duration")
+    if args.probes < 0:
+        parser.error("--probes must be at least 0")
+    if args.switches is not None and args.scenario != "room":
+        parser.error("--switches is for the room scenario")
     if args.http_concurrency < 1:
         parser.error("--http-concurrency must be at least 1")
     args.procs = min(args.procs, args.clients)
@@ -226,6 +279,17 @@ class Watched:
             totals[role] = (user, system)
         return totals
 
+    def spent(
+        self, start: dict[str, tuple[float, float]], end: dict[str, tuple[float, float]]
+    ) -> dict[str, tuple[float, float]]:
+        """(user, system) seconds per role between two cpu() samples, for roles with a
+        process."""
+        return {
+            role: (end[role][0] - start[role][0], end[role][1] - start[role][1])
+            for role, pids in self.roles.items()
+            if pids
+        }
+
     def room_rss(self) -> dict[int, int]:
         """Min of a few samples per room process: a transient allocation is not a cost."""
         best: dict[int, int] = {}
@@ -237,6 +301,16 @@ class Watched:
                     rss = procstat.rss_bytes(pid)
                     best[pid] = min(rss, best.get(pid, rss))
         return best
+
+
+def room_env(pids: Sequence[int]) -> dict[str, dict[str, str]]:
+    """The IM_ROOM_* settings each room process was started with, so a result file says
+    which ones a run changed."""
+    found = {}
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            found[str(pid)] = procstat.environ(pid, "IM_ROOM_")
+    return found
 
 
 def find_watched(args: argparse.Namespace, targets: Sequence[Target]) -> Watched:
@@ -299,6 +373,7 @@ class Fleet:
         self.counts: dict[int, dict[str, Any]] = {}
         self.ready: dict[int, dict[str, Any]] = {}
         self.final: dict[int, dict[str, Any]] = {}
+        self.tallied: dict[int, dict[str, Any]] = {}
         self.dead: set[int] = set()  # workers whose pipe closed
         self.pipes: list[Connection] = []
         self.processes: list[multiprocessing.process.BaseProcess] = []
@@ -317,6 +392,8 @@ class Fleet:
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
         for worker, pipe in enumerate(self.pipes):
             loop.add_reader(pipe.fileno(), self._readable, loop, worker, pipe)
+            # Readable means a report has begun; reading it whole may wait for its rest.
+            os.set_blocking(pipe.fileno(), True)
 
     def _readable(self, loop: asyncio.AbstractEventLoop, worker: int, pipe: Connection) -> None:
         try:
@@ -326,6 +403,8 @@ class Fleet:
                 self.arrivals.add(seqs, lats)
                 if kind == "ready":
                     self.ready[worker] = extra
+                elif kind == "tally":
+                    self.tallied[worker] = extra
                 elif kind == "final":
                     self.final[worker] = extra
         except (EOFError, OSError):
@@ -359,6 +438,15 @@ class Fleet:
                 await asyncio.wait_for(self.changed.wait(), left)
         return True
 
+    async def tallies(self) -> list[dict[str, Any]]:
+        """Every live worker's room tally (see clients.Worker.room_tally)."""
+        self.tallied = {}
+        for pipe in self.pipes:
+            with contextlib.suppress(OSError):
+                pipe.send("tally")
+        await self.wait(lambda: len(self.tallied.keys() | self.dead) >= len(self.pipes))
+        return [extra["room"] for extra in self.tallied.values()]
+
     async def stop(self) -> None:
         for pipe in self.pipes:
             with contextlib.suppress(OSError):
@@ -374,79 +462,33 @@ class Fleet:
 # -- pushing -----------------------------------------------------------------------------
 
 
-class Pusher:
+class Pusher(PacedPoster):
     """Paced unicast pushes through center's HTTP API, each to one random online uid."""
 
     def __init__(self, args: argparse.Namespace, api_key: str, uids: list[str]) -> None:
+        total = round(args.rate * args.duration)
+        url = args.center.rstrip("/") + "/v1/push/users"
+        super().__init__(url, api_key, args.rate, total, args.http_concurrency)
         self.args = args
         self.uids = uids
-        self.total = round(args.rate * args.duration)
-        self.online = array("i", [-1]) * self.total  # center's answer per push; -1 = none
-        self.sent = 0
-        self.answered = 0
+        self.online = array("i", [-1]) * total  # center's answer per push; -1 = none
         self.offline = 0
-        self.errors: Counter[str] = Counter()
-        self.max_lag_s = 0.0
-        self.send_seconds = 0.0
-        self.url = args.center.rstrip("/") + "/v1/push/users"
-        self.headers = {"Authorization": f"Bearer {api_key}", "Content-Type": "application/json"}
-        self._slots = asyncio.Semaphore(args.http_concurrency)
         self._rng = random.Random()
 
-    async def _one(self, session: aiohttp.ClientSession, seq: int) -> None:
+    def payload(self, seq: int) -> dict[str, Any]:
         args = self.args
-        try:
-            uid = self._rng.choice(self.uids)
-            body = {"seq": seq, "t": time.time_ns()}
-            payload = {"uids": [uid], "type": args.type, "pri": args.pri, "qos": 0, "body": body}
-            async with session.post(
-                self.url, data=orjson.dumps(payload), headers=self.headers
-            ) as response:
-                data = await response.read()
-                if response.status != 200:
-                    self._error(f"HTTP {response.status}: {data[:120].decode(errors='replace')}")
-                    return
-                answer = orjson.loads(data)
-                online = answer.get("online") if isinstance(answer, dict) else None
-                if not isinstance(online, int):
-                    self._error(f"answer without an 'online' count: {data[:120]!r}")
-                    return
-                self.online[seq] = online
-                self.answered += 1
-                if online == 0:
-                    self.offline += 1
-        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
-            self._error(f"{type(exc).__name__}: {str(exc)[:120]}")
-        finally:
-            self._slots.release()
+        uid = self._rng.choice(self.uids)
+        body = {"seq": seq, "t": time.time_ns()}
+        return {"uids": [uid], "type": args.type, "pri": args.pri, "qos": 0, "body": body}
 
-    def _error(self, reason: str) -> None:
-        if reason in self.errors or len(self.errors) < clients.MAX_ERROR_KINDS:
-            self.errors[reason] += 1
-        else:
-            self.errors["other errors"] += 1
-
-    async def run(self) -> None:
-        loop = asyncio.get_running_loop()
-        timeout = aiohttp.ClientTimeout(total=HTTP_TIMEOUT_S)
-        connector = aiohttp.TCPConnector(limit=self.args.http_concurrency)
-        tasks: set[asyncio.Task] = set()
-        async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-            start = loop.time()
-            for seq in range(self.total):
-                due = start + seq / self.args.rate
-                now = loop.time()
-                if due > now:
-                    await asyncio.sleep(due - now)
-                await self._slots.acquire()
-                self.max_lag_s = max(self.max_lag_s, loop.time() - due)
-                task = loop.create_task(self._one(session, seq))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
-                self.sent += 1
-            self.send_seconds = loop.time() - start
-            if tasks:
-                await asyncio.wait(tasks)
+    def answer(self, seq: int, document: Any) -> str | None:
+        online = document.get("online") if isinstance(document, dict) else None
+        if not isinstance(online, int):
+            return f"answer without an 'online' count: {str(document)[:120]}"
+        self.online[seq] = online
+        if online == 0:
+            self.offline += 1
+        return None
 
     @property
     def expected(self) -> int:
@@ -469,7 +511,7 @@ class Progress:
     def __init__(self, fleet: Fleet, clients_total: int) -> None:
         self.fleet = fleet
         self.clients_total = clients_total
-        self.pusher: Pusher | None = None
+        self.pusher: PacedPoster | None = None
         self.start = time.monotonic()
         self.tty = sys.stderr.isatty()
 
@@ -482,12 +524,17 @@ class Progress:
             f"dropped {fleet.total('dropped')}"
         )
         pusher = self.pusher
-        if pusher is not None:
+        if isinstance(pusher, Pusher):
             recent = sorted(fleet.arrivals.recent)
             p99 = percentile(recent, 0.99) / 1e6
             text += (
                 f" | sent {pusher.sent} answered {pusher.answered} "
                 f"delivered {fleet.arrivals.delivered} p99 {p99:.1f} ms"
+            )
+        elif pusher is not None:
+            text += (
+                f" | sent {pusher.sent} answered {pusher.answered} "
+                f"room pushes received {fleet.total('room_pushes')}"
             )
         return text
 
@@ -554,10 +601,15 @@ def table(summary: dict[str, Any]) -> str:
             value = summary.get(f"{role}_cpu_us_per_msg")
             if value is not None:
                 rows.append((f"{role} CPU/msg", f"{value:.1f} us ({share:.0f} % in the kernel)"))
+    if summary["scenario"] == "room" and summary["live_room"].get("kinds"):
+        rows += roomrun.table_rows(summary)
     if summary["errors"]:
         rows.append(("errors", "; ".join(f"{k} x{v}" for k, v in summary["errors"].items())))
     width = max(len(name) for name, _ in rows)
-    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+    text = "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+    if summary["scenario"] == "room" and summary["live_room"].get("kinds"):
+        text += "\n\n" + roomrun.kinds_table(summary)
+    return text
 
 
 # -- the run -----------------------------------------------------------------------------
@@ -567,6 +619,13 @@ def plan_workers(
     args: argparse.Namespace, targets: tuple[Target, ...], product: Any, prefix: str
 ) -> list[WorkerSpec]:
     specs = []
+    room_fields: dict[str, Any] = {}
+    if args.scenario == "room":
+        room_fields = {
+            "room": args.room,
+            "probe_every": max(1, args.clients // args.probes) if args.probes else 0,
+            "seq_total": round(args.rate * args.duration),
+        }
     per, extra = divmod(args.clients, args.procs)
     first = 0
     for worker in range(args.procs):
@@ -584,6 +643,7 @@ def plan_workers(
                 connect_rate=args.connect_rate / args.procs,
                 connect_timeout=args.connect_timeout,
                 ping_interval=args.ping_interval,
+                **room_fields,
             )
         )
         first += count
@@ -597,6 +657,8 @@ async def drive(
     api_key: str,
     prefix: str,
     summary: dict[str, Any],
+    targets: tuple[Target, ...],
+    switched: roomrun.Switched | None,
 ) -> None:
     loop = asyncio.get_running_loop()
     fleet.attach(loop)
@@ -631,12 +693,20 @@ async def drive(
             await asyncio.sleep(hold)
             cpu_end = watched.cpu()
             # What merely holding the connections costs: heartbeats, sweeps, renewals.
-            spent = cpu_spent(watched, cpu_start, cpu_end)
+            spent = watched.spent(cpu_start, cpu_end)
             summary["idle_cpu_percent"] = {
                 role: 100 * (user + system) / hold if hold else 0.0
                 for role, (user, system) in spent.items()
             }
             summary["room_rss_end"] = await loop.run_in_executor(None, watched.room_rss)
+        elif online and args.scenario == "room":
+
+            def set_publisher(publisher: PacedPoster) -> None:
+                progress.pusher = publisher
+
+            await roomrun.run(
+                args, fleet, watched, api_key, online, targets, switched, summary, set_publisher
+            )
         elif online:
             await unicast(
                 args, fleet, watched, api_key, [f"{prefix}{i}" for i in online], summary, progress
@@ -651,19 +721,6 @@ async def drive(
             print(file=sys.stderr)
         summary["errors"].update(fleet.errors())
         await fleet.stop()
-
-
-def cpu_spent(
-    watched: Watched,
-    start: dict[str, tuple[float, float]],
-    end: dict[str, tuple[float, float]],
-) -> dict[str, tuple[float, float]]:
-    """(user, system) seconds per role between two samples, for roles with a process."""
-    return {
-        role: (end[role][0] - start[role][0], end[role][1] - start[role][1])
-        for role, pids in watched.roles.items()
-        if pids
-    }
 
 
 async def unicast(
@@ -712,7 +769,7 @@ async def unicast(
         },
     )
     summary["errors"].update(pusher.errors)
-    spent = cpu_spent(watched, cpu_start, cpu_end)
+    spent = watched.spent(cpu_start, cpu_end)
     summary["cpu_seconds"] = {
         role: {"user": user, "system": system} for role, (user, system) in spent.items()
     }
@@ -734,6 +791,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     clients.raise_fd_limit()
     prefix = args.uid_prefix if args.uid_prefix is not None else f"f{os.urandom(3).hex()}-"
+    switched = None
+    if args.scenario == "room" and args.switches is not None:
+        try:
+            switched = roomrun.put_switches(args.center, args.admin_key, args.switches, args.room)
+        except (roomrun.SwitchesRefused, ValueError) as exc:
+            print(f"flood: {exc}", file=sys.stderr)
+            return 2
     watched = find_watched(args, targets)
     if not watched.roles["room"]:
         print(
@@ -750,7 +814,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "procs": args.procs,
         "sources": len(sources_of(args.sources, targets)),
         "duration": args.duration,
-        "rate": args.rate if args.scenario == "unicast" else None,
+        "rate": args.rate if args.scenario != "idle" else None,
         "connections": 0,
         "connect_failed": args.clients,
         "connect_seconds": 0.0,
@@ -770,6 +834,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "stray": 0,
         "latency_ms": {"p50": 0.0, "p90": 0.0, "p99": 0.0, "max": 0.0},
         "room_pids": watched.roles["room"],
+        "room_env": room_env(watched.roles["room"]),
         "center_pids": watched.roles["center"],
         "register_pids": watched.roles["register"],
         "room_rss_before": watched.room_rss(),
@@ -784,6 +849,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "cpu_seconds": {},
         "idle_cpu_percent": {},
         "errors": Counter(),
+        "live_room": {},
         "machine": machine(),
         "command": shlex.join(["python3", *sys.argv] if argv is None else ["flood", *argv]),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -793,7 +859,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     fleet = Fleet(plan_workers(args, targets, product, prefix), arrivals)
     # The tester's own cost, to show whether it, not the servers, was the limit.
     watched.roles["flood"] = [os.getpid(), *(p.pid for p in fleet.processes if p.pid)]
-    uvloop.run(drive(args, fleet, watched, api_key, prefix, summary))
+    uvloop.run(drive(args, fleet, watched, api_key, prefix, summary, targets, switched))
     summary["errors"] = dict(summary["errors"].most_common())
     print(table(summary))
     document = orjson.dumps(summary, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS)

@@ -49,6 +49,21 @@ def parse_listening_inodes(text: str, port: int) -> set[int]:
     return inodes
 
 
+def parse_environ(data: bytes, prefix: str = "") -> dict[str, str]:
+    """The variables starting with `prefix` from the bytes of /proc/PID/environ."""
+    found = {}
+    for entry in data.split(b"\0"):
+        name, sep, value = entry.decode(errors="replace").partition("=")
+        if sep and name.startswith(prefix):
+            found[name] = value
+    return found
+
+
+def environ(pid: int, prefix: str = "") -> dict[str, str]:
+    """A process's environment variables starting with `prefix` (as it was started)."""
+    return parse_environ(Path(f"/proc/{pid}/environ").read_bytes(), prefix)
+
+
 def cpu_times(pid: int) -> tuple[float, float]:
     """(user, system) CPU seconds the process has used so far."""
     utime, stime = parse_stat(Path(f"/proc/{pid}/stat").read_text())

@@ -1,9 +1,11 @@
-"""The load tester's pieces: /proc readers, the client-side frame parser, and whole runs
-against `im up` and against the comparison peer on free loopback ports."""
+"""The load tester's pieces: /proc readers, the client-side frame parser, the live-room mix
+and its accounting, the room tallies, and whole runs against `im up` and against the
+comparison peer on free loopback ports."""
 
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import random
 import signal
@@ -14,11 +16,24 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import msgpack
 import pytest
 
-from bench import procstat
-from bench.clients import ServerFrameError, ServerFrameParser, Target
+from bench import liveroom, procstat
+from bench.clients import (
+    ServerFrameError,
+    ServerFrameParser,
+    Target,
+    Worker,
+    WorkerSpec,
+    WsClient,
+    summarize,
+)
+from bench.latency import BUCKET_NS, Histogram
+from bench.roomrun import RoomMetrics, parse_room_metrics, parse_rpc_latency, rpc_delta
+from im.config import dev_products
 from im.protocol import websocket as ws
+from im.switches import parse_switches
 
 ROOT = Path(__file__).resolve().parent.parent
 FLOOD = ROOT / "bench" / "flood.py"
@@ -55,6 +70,23 @@ def test_parse_listening_inodes_only_listeners_on_the_port() -> None:
     assert procstat.parse_listening_inodes(NET_TCP, 0x1F9A) == {55501}
     assert procstat.parse_listening_inodes(NET_TCP, 0x1F9B) == {55503}
     assert procstat.parse_listening_inodes(NET_TCP, 1) == set()
+
+
+def test_environ_keeps_the_prefixed_variables() -> None:
+    data = b"PATH=/bin\0IM_ROOM_ROOM_FLUSH_MS=200\0IM_ROOM_X=a=b\0junk\0"
+    assert procstat.parse_environ(data, "IM_ROOM_") == {
+        "IM_ROOM_ROOM_FLUSH_MS": "200",
+        "IM_ROOM_X": "a=b",
+    }
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import sys; sys.stdin.read()"],
+        stdin=subprocess.PIPE,
+        env={"IM_ROOM_A": "1", "OTHER": "2"},
+    )
+    try:
+        assert procstat.environ(child.pid, "IM_ROOM_") == {"IM_ROOM_A": "1"}
+    finally:
+        child.communicate(b"")
 
 
 def test_cpu_seconds_of_this_process_grow_with_work() -> None:
@@ -120,6 +152,192 @@ def test_target_parse() -> None:
         Target.parse("http://127.0.0.1:80", "ws")
 
 
+# -- the live room ------------------------------------------------------------------------
+
+
+def test_schedule_holds_the_mix_in_every_twenty_messages() -> None:
+    order = liveroom.schedule(200)
+    assert order == liveroom.schedule(200)
+    for start in range(0, 200, 20):
+        window = order[start : start + 20]
+        counts = [window.count(i) for i in range(len(liveroom.MIX))]
+        assert counts == [k.percent // 5 for k in liveroom.MIX]
+
+
+def test_mix_must_sum_to_100_with_distinct_type_and_priority() -> None:
+    gift = liveroom.MIX[0]
+    with pytest.raises(ValueError, match="sum to 100"):
+        liveroom.schedule(1, [gift])
+    twin = liveroom.Kind("gift2", gift.type, gift.pri, 95)
+    with pytest.raises(ValueError, match="share"):
+        liveroom.schedule(1, [gift, twin])
+
+
+def test_request_carries_sequence_and_publish_time() -> None:
+    message = liveroom.request(liveroom.MIX[0], 7, 123)
+    assert message["type"] == "gift" and message["pri"] == "high"
+    assert message["body"]["seq"] == 7 and message["body"]["t"] == 123
+
+
+def test_presets_are_valid_switches_and_set_the_room_size() -> None:
+    degraded = parse_switches(liveroom.preset("degraded", "live"))
+    off = parse_switches(liveroom.preset("off", "live"))
+    assert degraded.size_level(10, "live") >= 1
+    assert degraded.merge_likes and degraded.compress_complex
+    assert off.size_level(100_000, "live") == 0
+    with pytest.raises(ValueError, match="unknown preset"):
+        liveroom.preset("fast", "live")
+
+
+def test_allowed_drops_follow_the_switches() -> None:
+    allowed = liveroom.allowed_drops(liveroom.preset("degraded", "live"), "live", 10_000)
+    assert allowed["gift"] == frozenset()
+    assert allowed["chat"] == {"room_budget", "type_share"}  # as audience chat, not the host's
+    assert allowed["enter"] == {"room_budget", "type_share", "common_msg"}
+    off = liveroom.allowed_drops(liveroom.preset("off", "live"), "live", 10_000)
+    assert all(not reasons for reasons in off.values())
+    with_idc = liveroom.allowed_drops({"big_rooms": ["live"], "idc_budget": {"a": 5}}, "live", 1)
+    assert with_idc["batch"] == {"idc_budget"} and "idc_budget" in with_idc["like"]
+    unexpected = liveroom.unexpected_drops(
+        {("enter", "common_msg"): 3, ("gift", "room_budget"): 1, ("chat", "idc_budget"): 0},
+        allowed,
+    )
+    assert unexpected == {"gift/room_budget": 1}
+
+
+def test_type_rows_charge_drops_to_members_of_each_instance() -> None:
+    mix = (
+        liveroom.Kind("gift", "gift", "high", 50),
+        liveroom.Kind("chat", "chat", "normal", 25),
+        liveroom.Kind("like", "like", "low", 25),
+    )
+    rows = liveroom.type_rows(
+        mix,
+        accepted=[2, 10, 8],
+        delivered={("gift", "high"): 10, ("chat", "normal"): 31, ("like", "low"): 2},
+        like_units=40,
+        members=5,
+        dropped=[({("chat", "type_share"): 3}, 3), ({("chat", "type_share"): 2}, 2)],
+    )
+    gift, chat, like = rows
+    assert (gift["expected"], gift["shortfall"], gift["explained"]) == (10, 0, 0)
+    assert (chat["expected"], chat["shortfall"], chat["explained"]) == (50, 19, 13)
+    assert chat["unexplained"] == 6 and chat["dropped_msgs"] == {"type_share": 5}
+    assert (like["delivered"], like["pushes"], like["shortfall"]) == (40, 2, 0)
+
+
+def test_histogram_percentiles_and_merge() -> None:
+    h = Histogram()
+    for ms in range(1, 101):
+        h.add(ms * 1_000_000)
+    h.add(-5)
+    assert h.count == 101
+    assert h.percentile(0.5) == 50 * 1_000_000 + BUCKET_NS
+    assert h.percentile(1.0) == h.max_ns == 100 * 1_000_000
+    other = Histogram()
+    other.merge(h.buckets, h.max_ns)
+    assert other.summary_ms() == h.summary_ms()
+    assert Histogram().summary_ms()["p99"] == 0.0
+
+
+def _push(mtype: str, pri: str, seq: int, **body: object) -> dict:
+    return {"op": "push", "type": mtype, "pri": pri, "body": {"seq": seq, "t": 1000 + seq, **body}}
+
+
+def test_summarize_counts_batches_and_merged_likes() -> None:
+    chunk = summarize(
+        [
+            _push("gift", "high", 1),
+            {"op": "batch", "msgs": [_push("like", "low", 2), _push("enter", "low", 3)]},
+            {"op": "push", "type": "like", "pri": "low", "body": {"count": 40, "merged": True}},
+        ]
+    )
+    assert chunk.counts == {("gift", "high"): 1, ("like", "low"): 2, ("enter", "low"): 1}
+    assert chunk.total == 4
+    assert chunk.like_units == 41
+    assert chunk.high_sent == [1001]
+    assert chunk.seqs == [1, 2, 3]
+
+
+ROOM_METRICS = """\
+# TYPE im_room_room_drops_total counter
+im_room_room_drops_total{instance="r0",room="live",type="enter",reason="common_msg"} 12.0
+im_room_room_drops_total{instance="r0",room="other",type="chat",reason="room_budget"} 5.0
+# TYPE im_room_drops_total counter
+im_room_drops_total{instance="r0",reason="queue_full"} 2.0
+# TYPE im_room_room_delivered_total counter
+im_room_room_delivered_total{instance="r0"} 900.0
+# TYPE im_room_room_writes_total counter
+im_room_room_writes_total{instance="r0"} 300.0
+"""
+
+
+def test_parse_room_metrics_keeps_the_room_and_the_instance_counters() -> None:
+    found = parse_room_metrics(ROOM_METRICS, "live")
+    assert found == RoomMetrics({("enter", "common_msg"): 12.0}, {"queue_full": 2.0}, 900.0, 300.0)
+    delta = found.minus(RoomMetrics({("enter", "common_msg"): 2.0}, {"queue_full": 2.0}, 0, 0))
+    assert delta.drops == {("enter", "common_msg"): 10.0} and delta.queue_drops == {}
+
+
+CENTER_METRICS = """\
+# TYPE im_rpc_client_latency_seconds histogram
+im_rpc_client_latency_seconds_bucket{le="+Inf",method="room_push",name="center-room"} 4.0
+im_rpc_client_latency_seconds_count{method="room_push",name="center-room"} 4.0
+im_rpc_client_latency_seconds_sum{method="room_push",name="center-room"} 0.05
+im_rpc_client_latency_seconds_count{method="nodes.list",name="register"} 1.0
+im_rpc_client_latency_seconds_sum{method="nodes.list",name="register"} 0.001
+"""
+
+
+def test_center_rpc_latency_between_two_scrapes() -> None:
+    after = parse_rpc_latency(CENTER_METRICS)
+    assert after["room_push"] == (4.0, 0.05)
+    delta = rpc_delta(after, {"room_push": (2.0, 0.01), "nodes.list": (1.0, 0.001)})
+    assert delta == {"room_push": {"calls": 2.0, "mean_ms": pytest.approx(20.0)}}
+
+
+async def test_room_members_count_identical_chunks_from_the_cache() -> None:
+    parent, child = multiprocessing.Pipe()
+    spec = WorkerSpec(
+        worker=0,
+        indices=range(4),
+        targets=(Target("ws", "127.0.0.1", 1, "/ws"),),
+        sources=(),
+        json=False,
+        auth=True,
+        product=dev_products()["demo"],
+        uid_prefix="t",
+        connect_rate=0,
+        connect_timeout=1,
+        ping_interval=None,
+        room="live",
+        probe_every=2,
+        seq_total=10,
+    )
+    worker = Worker(spec, child)
+    members = [WsClient(worker, i) for i in range(4)]
+    tick = b"".join(
+        ws.binary_frame(msgpack.packb(m))
+        for m in (_push("gift", "high", 0), {"op": "batch", "msgs": [_push("like", "low", 1)]})
+    )
+    for client in members:
+        client.parser = ServerFrameParser()
+        worker.online_now(client)
+        client.data_received(tick)
+    assert len(worker.chunks) == 1  # decoded once, counted four times
+    split = members[0]
+    split.data_received(tick[:3])
+    split.data_received(tick[3:])
+    tally = worker.room_tally()
+    assert sorted(tally["by_type"]) == [("gift", "high", 5), ("like", "low", 5)]
+    assert tally["like_units"] == 5
+    assert worker.high_latency.count == 5
+    assert [list(p[:3]) for p in tally["probes"]] == [[2, 2, 0], [1, 1, 0]]
+    assert worker.probe_latency.count == 6
+    parent.close()
+    child.close()
+
+
 # -- whole runs ----------------------------------------------------------------------------
 
 
@@ -157,30 +375,25 @@ def _stop(process: subprocess.Popen) -> None:
             process.wait()
 
 
-@pytest.fixture
-def system() -> Iterator[dict[str, int]]:
-    """`im up` with one room, every port picked at random in 20000-30000 until it starts."""
+def _im_up(rooms: int) -> Iterator[dict[str, int]]:
+    """`im up` with `rooms` rooms, every port picked at random in 20000-30000 until it starts:
+    room i on base+2i (WebSocket), base+2i+1 (TCP) and base+100+i (RPC)."""
     for _ in range(5):
-        base = random.randrange(20000, 29900, 2)
+        base = random.randrange(20000, 29800, 2)
         ports = {"base": base, "center": base + 20, "register": base + 30}
-        needed = [base, base + 1, ports["center"], ports["register"], ports["register"] + 1]
+        listening = [base + i for i in range(2 * rooms)] + [ports["center"]]
+        needed = [*listening, *(base + 100 + i for i in range(rooms))]
+        needed += [ports["register"], ports["register"] + 1]
         if not all(_free(p) for p in needed):
             continue
-        env = dict(
-            os.environ,
-            IM_LOG_LEVEL="WARNING",
-            IM_ROOM_WS_PORT=str(base),
-            IM_ROOM_TCP_PORT=str(base + 1),
-            IM_ROOM_RPC_PORT="0",
-        )
         process = subprocess.Popen(
-            [sys.executable, "-m", "im", "up", "--base-port", str(base)]
+            [sys.executable, "-m", "im", "up", "--rooms", str(rooms), "--base-port", str(base)]
             + ["--center-port", str(ports["center"]), "--register-port", str(ports["register"])],
-            env=env,
+            env=dict(os.environ, IM_LOG_LEVEL="WARNING"),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        if _wait_listening([base, base + 1, ports["center"]], process, 15):
+        if _wait_listening(listening, process, 15):
             try:
                 yield ports
             finally:
@@ -188,6 +401,16 @@ def system() -> Iterator[dict[str, int]]:
             return
         _stop(process)
     pytest.fail("could not start im up on free ports")
+
+
+@pytest.fixture
+def system() -> Iterator[dict[str, int]]:
+    yield from _im_up(1)
+
+
+@pytest.fixture
+def two_rooms() -> Iterator[dict[str, int]]:
+    yield from _im_up(2)
 
 
 def _flood(args: list[str], out: Path) -> dict:
@@ -244,3 +467,43 @@ def test_idle_run_against_the_websockets_peer(tmp_path: Path) -> None:
     assert summary["connect_failed"] == 0
     assert summary["room_pids"] == [peer.pid]
     assert summary["room_rss_bytes_per_conn"] is not None
+
+
+def test_room_run_degraded_delivers_every_high_and_drops_only_what_switches_limit(
+    two_rooms: dict[str, int], tmp_path: Path
+) -> None:
+    summary = _flood(
+        [
+            "--scenario", "room", "--clients", "60", "--rate", "60", "--duration", "2",
+            "--switches", "degraded", "--probes", "10",
+            "--base-port", str(two_rooms["base"]),
+            "--center", f"http://127.0.0.1:{two_rooms['center']}",
+            "--register-port", str(two_rooms["register"]),
+        ],
+        tmp_path / "room.json",
+    )  # fmt: skip
+    live = summary["live_room"]
+    assert summary["connections"] == 60
+    assert live["members_by_instance"] == [30, 30]
+    assert live["switches"]["document"]["big_rooms"] == ["live"]
+    assert summary["sent"] == 120 and summary["http_errors"] == 0
+    kinds = {row["name"]: row for row in live["kinds"]}
+    for name in ("gift", "host_chat"):
+        assert kinds[name]["sent"] > 0
+        assert kinds[name]["delivered"] == kinds[name]["expected"]
+    assert live["probes"]["high_missing"] == 0
+    assert live["probes"]["duplicates"] == 0
+    high_delivered = kinds["gift"]["delivered"] + kinds["host_chat"]["delivered"]
+    assert live["latency_ms"]["high"]["count"] == high_delivered  # timed on every client
+    # Drops only where the preset limits: enter notices all go, audience chat and level-up
+    # notices meet their shares; nothing else is dropped, on the switches or in the queues.
+    assert live["unexpected_drops"] == {}
+    assert live["queue_drops"] == {}
+    assert kinds["enter"]["delivered"] == 0
+    assert kinds["enter"]["dropped_msgs"] == {"common_msg": kinds["enter"]["sent"] * 2}
+    dropped_types = {key.split("/")[0] for key in live["switch_drops"]}
+    assert dropped_types <= {"enter", "chat", "level_up", "like"}
+    assert dropped_types & {"chat", "level_up"}
+    assert all(row["unexplained"] == 0 for row in live["kinds"] if row["name"] != "like")
+    assert live["like_units"] > 0
+    assert summary["room_cpu_us_per_msg"] is not None
