@@ -69,7 +69,7 @@ class RoomConfig:
         default=5.0, metadata={"help": "write coalescing tick; 0 = next loop iteration"}
     )
     room_flush_ms: float = field(
-        default=50.0,
+        default=200.0,
         metadata={"help": "room write tick: one shared write per member (high flushes at once)"},
     )
     max_rooms_per_conn: int = field(
