@@ -375,8 +375,7 @@ class FanoutWorker:
                     "room": room,
                     "members_total": total,
                     "items": [
-                        {"msg": e.job.msg, "shard": shard_of(e.job.sender, total, shard_size)}
-                        for e in call
+                        {"msg": e.job.msg, "shard": _shard(e.job, total, shard_size)} for e in call
                     ],
                 }
                 if not await self._call(instance, "room_push", params, ROOM, [e.job for e in call]):
@@ -477,6 +476,13 @@ class FanoutWorker:
         if type(written) is int and written > 0:
             WRITTEN.labels(kind).inc(written)
         return True
+
+
+def _shard(job: Job, members_total: int, shard_size: int) -> list[int] | None:
+    """Audience chat stays in its sender's sub-room; high priority reaches every one."""
+    if job.msg.get("pri") == "high":
+        return None
+    return shard_of(job.sender, members_total, shard_size)
 
 
 def _no_switches() -> Switches | None:

@@ -107,6 +107,12 @@ class Connection(asyncio.Protocol):
         queue = self.queue
         if queue is None:
             queue = self.queue = FrameQueue(self.gateway.config.queue_cap)
+        elif queue.size >= queue.cap and not self.paused and self.state != CLOSED:
+            # Full only because the tick has not come yet (a big batch from one RPC): the
+            # socket can take it, so write now instead of evicting what was never sent.
+            self.flush()
+            queue = self.queue or FrameQueue(self.gateway.config.queue_cap)
+            self.queue = queue
         outcome = queue.push(priority, frame)
         if not self.dirty and not self.paused:
             self.gateway.mark_dirty(self)

@@ -66,8 +66,11 @@ class FakeRoom:
         return {"written": written, "missing": missing}
 
     async def room_push(self, params: dict[str, Any]) -> dict[str, Any]:
-        self.room_calls.append(params)
-        return {"written": 1, "dropped": 0}
+        """Recorded one entry per message, whether it came alone or among `items`."""
+        items = params.get("items") or [{"msg": params["msg"], "shard": params["shard"]}]
+        common = {k: v for k, v in params.items() if k not in ("items", "msg", "shard")}
+        self.room_calls.extend({**common, **item} for item in items)
+        return {"written": len(items), "dropped": 0}
 
     async def broadcast(self, params: dict[str, Any]) -> dict[str, Any]:
         self.broadcasts.append(params)

@@ -24,11 +24,9 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 import msgpack
-import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError
 
+from im.redis_pool import open_redis
 from im.sessions import Node, RoomCount, Session, checked_rooms
 
 # ARGV: ttl_ms, width, then groups of (field, width values); each value becomes the msgpack
@@ -120,7 +118,7 @@ class RedisStore:
     """`SessionStore` on Redis (standalone, or Cluster-ready key layout)."""
 
     def __init__(self, url: str, *, prefix: str = "im") -> None:
-        self._redis = aioredis.Redis.from_url(url, retry=Retry(NoBackoff(), 1))
+        self._redis = open_redis(url)
         self._prefix = prefix
         self._nodes_key = f"{prefix}:nodes"
 

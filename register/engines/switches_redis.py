@@ -7,9 +7,8 @@ A poll that finds its version unchanged reads one small field and transfers no d
 from __future__ import annotations
 
 import orjson
-import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
+
+from im.redis_pool import open_redis
 
 # ARGV: known version. False (nil) when unchanged; a store never written has version 0.
 _GET = """
@@ -31,7 +30,7 @@ class RedisSwitchStore:
     The scripts reload themselves after a Redis restart emptied the script cache."""
 
     def __init__(self, url: str, *, prefix: str = "im") -> None:
-        self._redis = aioredis.Redis.from_url(url, retry=Retry(NoBackoff(), 1))
+        self._redis = open_redis(url)
         self.key = f"{prefix}:switches"
         self._get = self._redis.register_script(_GET)
         self._put = self._redis.register_script(_PUT)

@@ -34,9 +34,6 @@ from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any, NamedTuple, cast
 
-import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError
 
 from im.messages_store import (
@@ -68,6 +65,7 @@ from im.messages_store import (
     pack,
     unpack,
 )
+from im.redis_pool import open_redis
 from saver import engines
 from saver.engines import BROADCAST, MAX_DEAD_LETTERS_READ, OLDEST_SWEPT, UNICAST, SaverLimits
 
@@ -468,15 +466,7 @@ class RedisStore:
         max_connections: int = 64,
     ) -> None:
         self.limits = limits or SaverLimits()
-        pool = aioredis.BlockingConnectionPool.from_url(
-            url,
-            max_connections=max_connections,
-            timeout=POOL_TIMEOUT_S,
-            socket_timeout=SOCKET_TIMEOUT_S,
-            socket_connect_timeout=SOCKET_TIMEOUT_S,
-            retry=Retry(NoBackoff(), 1),
-        )
-        self._redis = aioredis.Redis(connection_pool=pool)
+        self._redis = open_redis(url, max_connections=max_connections)
         self._prefix = prefix
         self._grace_ms = round(self.limits.state_grace_s * 1000)
         self._settle_ms = round(self.limits.broadcast_settle_s * 1000)
