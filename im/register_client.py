@@ -7,26 +7,16 @@ Each method is one RPC whatever the batch size, so callers batch and this stays 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
-from im.rpc import RpcClient, RpcError
+from im.rpc.service import EngineClient
 from im.sessions import Node, RoomCount, Session
 
 NAME = "register"
 
 
-class RegisterClient:
+class RegisterClient(EngineClient):
     def __init__(self, address: str, *, timeout: float = 2.0) -> None:
-        self.address = address
-        self._rpc = RpcClient(address, timeout=timeout, name=NAME)
-
-    async def _call(self, method: str, params: Any = None) -> Any:
-        try:
-            return await self._rpc.call(method, params)
-        except RpcError as err:
-            if err.code == "bad_request":  # same contract as the engines: bad values
-                raise ValueError(err.message) from None
-            raise
+        super().__init__(address, name=NAME, timeout=timeout)
 
     async def put_sessions(self, sessions: Sequence[Session], ttl: float) -> None:
         if sessions:
@@ -64,6 +54,3 @@ class RegisterClient:
 
     async def put_switches(self, document: dict) -> int:
         return int(await self._call("switches.put", document))
-
-    async def close(self) -> None:
-        await self._rpc.close()

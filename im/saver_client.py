@@ -7,7 +7,6 @@ Each method is one RPC whatever the batch size, so callers batch and this stays 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 from im.messages_store import (
     DEFAULT_TTL_S,
@@ -18,26 +17,14 @@ from im.messages_store import (
     Delivery,
     StoreResult,
 )
-from im.rpc import RpcClient, RpcError
-from im.rpc.wire import TOO_LARGE, UNENCODABLE
+from im.rpc.service import EngineClient
 
 NAME = "saver"
-#: Answers that mean the params were bad (or could not even be sent), as ValueError.
-_CALLERS_FAULT = frozenset({"bad_request", UNENCODABLE, TOO_LARGE})
 
 
-class SaverClient:
+class SaverClient(EngineClient):
     def __init__(self, address: str, *, timeout: float = 2.0) -> None:
-        self.address = address
-        self._rpc = RpcClient(address, timeout=timeout, name=NAME)
-
-    async def _call(self, method: str, params: Any = None) -> Any:
-        try:
-            return await self._rpc.call(method, params)
-        except RpcError as err:
-            if err.code in _CALLERS_FAULT:  # same contract as the engines: bad values
-                raise ValueError(err.message) from None
-            raise
+        super().__init__(address, name=NAME, timeout=timeout)
 
     async def store(
         self, product: str, uids: Sequence[str], msg: dict, ttl_s: float = DEFAULT_TTL_S
@@ -84,6 +71,3 @@ class SaverClient:
     async def ping(self) -> None:
         """Raise RpcError unless the saver and its engine answer."""
         await self._call("saver.ping")
-
-    async def close(self) -> None:
-        await self._rpc.close()

@@ -5,10 +5,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from aiohttp import web
-
-from im.metrics import CONTENT_TYPE_LATEST, exposition
-from im.rpc import Handler, RpcError, RpcServer
+from im.rpc import RpcError, RpcServer
+from im.rpc.service import EngineService
 from im.sessions import Node, Session, SessionStore
 from im.switches import SwitchError, SwitchStore, parse_switches
 from register.config import RegisterConfig
@@ -24,18 +22,6 @@ def _sessions(rows: Any) -> list[Session]:
         raise RpcError(
             "bad_request", "sessions must be [product, uid, conn, instance, device]"
         ) from None
-
-
-def _refusing_bad_values(handler: Handler) -> Handler:
-    """An engine's ValueError (a bad ttl, say) is the caller's fault: answer bad_request."""
-
-    async def call(params: Any) -> Any:
-        try:
-            return await handler(params)
-        except (ValueError, TypeError) as exc:
-            raise RpcError("bad_request", str(exc)) from None
-
-    return call
 
 
 class RegisterServer:
@@ -57,31 +43,23 @@ class RegisterServer:
             "switches.get": self._get_switches,
             "switches.put": self._put_switches,
         }
-        self.rpc = RpcServer(
-            {name: _refusing_bad_values(fn) for name, fn in handlers.items()}, name="register"
+        self.service = EngineService(
+            "register", handlers, engine=type(store).__name__, health=self.store.nodes
         )
-        self._http: web.AppRunner | None = None
 
     async def start(self) -> None:
-        await self.rpc.start(self.config.host, self.config.port)
-        app = web.Application()
-        app.router.add_get("/metrics", _metrics)
-        app.router.add_get("/healthz", self._healthz)
-        self._http = web.AppRunner(app, access_log=None)
-        await self._http.setup()
-        await web.TCPSite(self._http, self.config.host, self.config.metrics_port).start()
-        log.info(
-            "register: rpc %s, metrics http://%s:%d/metrics, engine %s",
-            self.rpc.address,
-            self.config.host,
-            self.config.metrics_port,
-            type(self.store).__name__,
-        )
+        await self.service.start(self.config.host, self.config.port, self.config.metrics_port)
+
+    @property
+    def rpc(self) -> RpcServer:
+        return self.service.rpc
+
+    @property
+    def metrics_port(self) -> int:
+        return self.service.metrics_port
 
     async def close(self) -> None:
-        await self.rpc.close()
-        if self._http is not None:
-            await self._http.cleanup()
+        await self.service.close()
         await self.store.close()
         await self.switches.close()
 
@@ -128,16 +106,3 @@ class RegisterServer:
 
     async def _nodes(self, params: Any) -> list[list]:
         return [node.to_wire() for node in await self.store.nodes()]
-
-    async def _healthz(self, request: web.Request) -> web.Response:
-        try:
-            await self.store.nodes()
-        except Exception as exc:  # the engine's own error type varies (redis, ...)
-            return web.json_response(
-                {"error": {"code": "unavailable", "message": f"store: {exc}"}}, status=503
-            )
-        return web.json_response({"status": "ok", "engine": type(self.store).__name__})
-
-
-async def _metrics(request: web.Request) -> web.Response:
-    return web.Response(body=exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -20,26 +20,12 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from aiohttp import web
-
 from im.messages_store import MessageStore
-from im.metrics import CONTENT_TYPE_LATEST, exposition
-from im.rpc import Handler, RpcError, RpcServer
+from im.rpc import RpcServer
+from im.rpc.service import EngineService
 from saver.config import SaverConfig
 
 log = logging.getLogger("im.saver")
-
-
-def _refusing_bad_values(handler: Handler) -> Handler:
-    """Params of the wrong shape, or values the engine refuses, are the caller's fault."""
-
-    async def call(params: Any) -> Any:
-        try:
-            return await handler(params)
-        except (ValueError, TypeError) as exc:
-            raise RpcError("bad_request", str(exc)) from None
-
-    return call
 
 
 class SaverServer:
@@ -57,39 +43,23 @@ class SaverServer:
             "saver.idempotency": self._idempotency,
             "saver.ping": self._ping,
         }
-        self.rpc = RpcServer(
-            {name: _refusing_bad_values(fn) for name, fn in handlers.items()}, name="saver"
+        self.service = EngineService(
+            "saver", handlers, engine=type(store).__name__, health=self.store.ping
         )
-        self._http: web.AppRunner | None = None
 
     async def start(self) -> None:
-        await self.rpc.start(self.config.host, self.config.port)
-        app = web.Application()
-        app.router.add_get("/metrics", _metrics)
-        app.router.add_get("/healthz", self._healthz)
-        self._http = web.AppRunner(app, access_log=None)
-        await self._http.setup()
-        site = web.TCPSite(self._http, self.config.host, self.config.metrics_port)
-        await site.start()
-        log.info(
-            "saver: rpc %s, metrics http://%s:%d/metrics, engine %s",
-            self.rpc.address,
-            self.config.host,
-            self.config.metrics_port,
-            type(self.store).__name__,
-        )
+        await self.service.start(self.config.host, self.config.port, self.config.metrics_port)
+
+    @property
+    def rpc(self) -> RpcServer:
+        return self.service.rpc
 
     @property
     def metrics_port(self) -> int:
-        """The bound HTTP port (the configured one may be 0)."""
-        if self._http is None:
-            raise RuntimeError("saver server is not started")
-        return self._http.addresses[0][1]
+        return self.service.metrics_port
 
     async def close(self) -> None:
-        await self.rpc.close()
-        if self._http is not None:
-            await self._http.cleanup()
+        await self.service.close()
         await self.store.close()
 
     async def _store(self, params: Any) -> list[int]:
@@ -129,16 +99,3 @@ class SaverServer:
 
     async def _ping(self, params: Any) -> None:
         await self.store.ping()
-
-    async def _healthz(self, request: web.Request) -> web.Response:
-        try:
-            await self.store.ping()
-        except Exception as exc:  # the engine's own error type varies (redis, ...)
-            return web.json_response(
-                {"error": {"code": "unavailable", "message": f"store: {exc}"}}, status=503
-            )
-        return web.json_response({"status": "ok", "engine": type(self.store).__name__})
-
-
-async def _metrics(request: web.Request) -> web.Response:
-    return web.Response(body=exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST})
