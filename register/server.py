@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from im.rpc import RpcError, RpcServer
+from im.rpc import RpcError
 from im.rpc.service import EngineService
 from im.sessions import Node, Session, SessionStore
 from im.switches import SwitchError, SwitchStore, parse_switches
@@ -24,7 +24,7 @@ def _sessions(rows: Any) -> list[Session]:
         ) from None
 
 
-class RegisterServer:
+class RegisterServer(EngineService):
     def __init__(
         self, config: RegisterConfig, store: SessionStore, switches: SwitchStore | None = None
     ) -> None:
@@ -43,23 +43,16 @@ class RegisterServer:
             "switches.get": self._get_switches,
             "switches.put": self._put_switches,
         }
-        self.service = EngineService(
-            "register", handlers, engine=type(store).__name__, health=self.store.nodes
+        super().__init__(
+            "register",
+            handlers,
+            engine=type(store).__name__,
+            health=self.store.nodes,
+            address=(config.host, config.port, config.metrics_port),
         )
 
-    async def start(self) -> None:
-        await self.service.start(self.config.host, self.config.port, self.config.metrics_port)
-
-    @property
-    def rpc(self) -> RpcServer:
-        return self.service.rpc
-
-    @property
-    def metrics_port(self) -> int:
-        return self.service.metrics_port
-
     async def close(self) -> None:
-        await self.service.close()
+        await super().close()
         await self.store.close()
         await self.switches.close()
 

@@ -21,14 +21,13 @@ import logging
 from typing import Any
 
 from im.messages_store import MessageStore
-from im.rpc import RpcServer
 from im.rpc.service import EngineService
 from saver.config import SaverConfig
 
 log = logging.getLogger("im.saver")
 
 
-class SaverServer:
+class SaverServer(EngineService):
     def __init__(self, config: SaverConfig, store: MessageStore) -> None:
         self.config = config
         self.store = store
@@ -43,23 +42,16 @@ class SaverServer:
             "saver.idempotency": self._idempotency,
             "saver.ping": self._ping,
         }
-        self.service = EngineService(
-            "saver", handlers, engine=type(store).__name__, health=self.store.ping
+        super().__init__(
+            "saver",
+            handlers,
+            engine=type(store).__name__,
+            health=self.store.ping,
+            address=(config.host, config.port, config.metrics_port),
         )
 
-    async def start(self) -> None:
-        await self.service.start(self.config.host, self.config.port, self.config.metrics_port)
-
-    @property
-    def rpc(self) -> RpcServer:
-        return self.service.rpc
-
-    @property
-    def metrics_port(self) -> int:
-        return self.service.metrics_port
-
     async def close(self) -> None:
-        await self.service.close()
+        await super().close()
         await self.store.close()
 
     async def _store(self, params: Any) -> list[int]:

@@ -33,6 +33,8 @@ def refusing_bad_values(handler: Handler) -> Handler:
 
 
 class EngineService:
+    """Subclasses pass their handlers and close their engines after `close()`."""
+
     def __init__(
         self,
         name: str,
@@ -40,8 +42,10 @@ class EngineService:
         *,
         engine: str,
         health: Callable[[], Awaitable[Any]],
+        address: tuple[str, int, int],
     ) -> None:
         self.name = name
+        self.address = address  # host, RPC port, HTTP port
         self.engine = engine
         self._health = health
         self.rpc = RpcServer(
@@ -49,7 +53,8 @@ class EngineService:
         )
         self._http: web.AppRunner | None = None
 
-    async def start(self, host: str, port: int, metrics_port: int) -> None:
+    async def start(self) -> None:
+        host, port, metrics_port = self.address
         await self.rpc.start(host, port)
         app = web.Application()
         app.router.add_get("/metrics", _metrics)
