@@ -39,6 +39,8 @@ from im.bus import (
 
 __all__ = ["KafkaBus", "KafkaBusConsumer"]
 
+FETCH_MAX_WAIT_MS = 10
+
 log = logging.getLogger("im.bus")
 
 
@@ -179,6 +181,9 @@ class KafkaBus:
                 session_timeout_ms=int(session * 1000),
                 heartbeat_interval_ms=int(heartbeat * 1000),
                 rebalance_timeout_ms=int(rebalance * 1000),
+                # An idle fetch waits on the broker at most this long: it is the floor of
+                # a message's latency from publish to worker (aiokafka's default is 500 ms).
+                fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
             ),
             self.brokers,
             # a member that left without expiring yet can hold a join back for its session
