@@ -68,6 +68,10 @@ class WorkerConfig:
     metrics_port: int = field(
         default=8075, metadata={"help": "HTTP port of /metrics and /healthz, 0 for a free one"}
     )
+    session_timeout_s: float = field(
+        default=10.0,
+        metadata={"help": "Kafka group session: how soon a dead worker's partitions move on"},
+    )
 
     def __post_init__(self) -> None:
         if not self.brokers:
@@ -78,6 +82,8 @@ class WorkerConfig:
             raise ValueError("group must not be empty")
         if self.rpc_timeout <= 0:
             raise ValueError("rpc_timeout must be positive")
+        if not 1 <= self.session_timeout_s <= 300:
+            raise ValueError("session_timeout_s must be between 1 and 300")
         if not 0 <= self.metrics_port <= 65535:
             raise ValueError(f"metrics_port must be between 0 and 65535, got {self.metrics_port}")
 

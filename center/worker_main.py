@@ -14,7 +14,7 @@ from aiohttp import web
 
 from center.config import WorkerConfig, worker_from_args
 from center.worker import FanoutWorker
-from im.bus import open_bus
+from im.bus.kafka import KafkaBus
 from im.metrics import CONTENT_TYPE_LATEST, exposition
 from im.service import run
 from im.switches_feed import SwitchesFeed
@@ -31,7 +31,11 @@ class WorkerService:
 
         self.config = config
         self.store = RegisterClient(config.register, timeout=config.rpc_timeout)
-        self.bus = open_bus(config.brokers)
+        self.bus = KafkaBus(
+            config.brokers,
+            session_timeout=config.session_timeout_s,
+            heartbeat_interval=config.session_timeout_s / 10,
+        )
         self.switches = SwitchesFeed(self.store)
         self.worker = FanoutWorker(
             self.bus,

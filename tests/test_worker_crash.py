@@ -34,8 +34,9 @@ RATE = 200  # pushes a second
 KILL_AT = 800  # pushes published when the worker is killed
 ROOM = "stream"
 UIDS = ("s0", "s1", "s2", "s3")
-#: worker_main has Kafka's default group timing (10 s sessions): the dead member keeps its
-#: partitions until its session expires, and Tansu settles the new join after that.
+#: The dead member keeps its partitions until its group session (here 2 s) expires, and
+#: Tansu settles the new join after that.
+SESSION_S = 2.0
 RECOVERY = 60.0
 #: Once deliveries resumed after the kill, this long without a push means the backlog is done.
 SETTLED = 3.0
@@ -58,6 +59,7 @@ class Workers:
                 "--register", self.system.register_address,
                 "--name", name,
                 "--metrics-port", "0",
+                "--session-timeout-s", str(SESSION_S),
             ],
             stdout=self.log,
             stderr=subprocess.STDOUT,
