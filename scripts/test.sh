@@ -11,6 +11,9 @@ if ! command -v redis-server >/dev/null 2>&1; then
 fi
 # The test fixtures start their own redis-server on free ports; the distribution's
 # service is not needed.
+# Debian's own Python marks itself externally managed (PEP 668); as root on a test machine
+# installing into it is what is wanted. Other Pythons ignore the variable.
+export PIP_BREAK_SYSTEM_PACKAGES=1
 python3 -m pip install -q --disable-pip-version-check -e '.[test]'
 python3 -m ruff check .
 python3 -m pytest -q "$@"
