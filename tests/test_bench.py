@@ -79,11 +79,14 @@ def test_environ_keeps_the_prefixed_variables() -> None:
         "IM_ROOM_X": "a=b",
     }
     child = subprocess.Popen(
-        [sys.executable, "-c", "import sys; sys.stdin.read()"],
+        [sys.executable, "-c", "import sys; print('ready', flush=True); sys.stdin.read()"],
         stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
         env={"IM_ROOM_A": "1", "OTHER": "2"},
     )
     try:
+        assert child.stdout is not None
+        assert child.stdout.readline() == b"ready\n"  # exec'd: /proc shows its own environment
         assert procstat.environ(child.pid, "IM_ROOM_") == {"IM_ROOM_A": "1"}
     finally:
         child.communicate(b"")
