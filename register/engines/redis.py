@@ -17,16 +17,14 @@ Redis that stays down, propagate to the caller.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections import defaultdict
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Any
 
 import msgpack
-from redis.exceptions import NoScriptError
 
-from im.redis_pool import open_redis
+from im.redis_pool import Script, open_redis, run_pipelined, script
 from im.sessions import Node, RoomCount, Session, checked_rooms
 
 # ARGV: ttl_ms, width, then groups of (field, width values); each value becomes the msgpack
@@ -79,20 +77,9 @@ return live
 """
 
 
-class _Script(NamedTuple):
-    source: str
-    sha: str
-
-
-def _script(source: str) -> _Script:
-    return _Script(source, hashlib.sha1(source.encode()).hexdigest())
-
-
-_PUT_SCRIPT = _script(_PUT)
-_PUT_COUNT_SCRIPT = _script(_PUT_COUNT)
-_READ_SCRIPT = _script(_READ)
-
-_Call = tuple[_Script, str, Sequence[str | int]]
+_PUT_SCRIPT = script(_PUT)
+_PUT_COUNT_SCRIPT = script(_PUT_COUNT)
+_READ_SCRIPT = script(_READ)
 
 
 def _escape(part: str) -> str:
@@ -188,26 +175,6 @@ class RedisStore:
     async def close(self) -> None:
         await self._redis.aclose()
 
-    async def _eval_many(self, calls: list[_Call]) -> list:
-        """Run the calls in one pipeline; after a server restart emptied the script cache,
-        load the scripts and rerun the calls that missed them."""
-        if not calls:
-            return []
-        results = await self._send(calls)
-        missing = [i for i, result in enumerate(results) if isinstance(result, NoScriptError)]
-        if missing:
-            for script in {calls[i][0] for i in missing}:
-                await self._redis.script_load(script.source)
-            retried = await self._send([calls[i] for i in missing])
-            for i, result in zip(missing, retried, strict=True):
-                results[i] = result
-        for result in results:
-            if isinstance(result, Exception):
-                raise result
-        return results
-
-    async def _send(self, calls: list[_Call]) -> list:
-        pipe = self._redis.pipeline(transaction=False)
-        for script, key, args in calls:
-            pipe.evalsha(script.sha, 1, key, *args)
-        return await pipe.execute(raise_on_error=False)
+    async def _eval_many(self, calls: list[tuple[Script, str, Sequence[Any]]]) -> list:
+        """Scripts of one key each, in one pipeline."""
+        return await run_pipelined(self._redis, [(sc, (key,), args) for sc, key, args in calls])

@@ -28,13 +28,10 @@ does no harm. Other Redis errors, and a Redis that stays down, reach the caller.
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections import defaultdict
 from collections.abc import Sequence
-from typing import Any, NamedTuple, cast
-
-from redis.exceptions import NoScriptError
+from typing import Any
 
 from im.messages_store import (
     ACKED,
@@ -65,7 +62,7 @@ from im.messages_store import (
     pack,
     unpack,
 )
-from im.redis_pool import open_redis
+from im.redis_pool import Op, Script, open_redis, run_pipelined, script
 from saver import engines
 from saver.engines import BROADCAST, MAX_DEAD_LETTERS_READ, OLDEST_SWEPT, UNICAST, SaverLimits
 
@@ -413,14 +410,8 @@ return out
 """
 
 
-class _Script(NamedTuple):
-    source: str
-    sha: str
-
-
-def _script(body: str) -> _Script:
-    source = _PRELUDE + body
-    return _Script(source, hashlib.sha1(source.encode()).hexdigest())
+def _script(body: str) -> Script:
+    return script(_PRELUDE + body)
 
 
 MSG_ADD = _script(_MSG_ADD)
@@ -435,7 +426,6 @@ BROADCAST_ADD = _script(_BROADCAST_ADD)
 BROADCASTS_LIVE = _script(_BROADCASTS_LIVE)
 
 #: One pipelined step: a script (or a plain command's name), its keys and its arguments.
-_Op = tuple[_Script | str, Sequence[str], Sequence[Any]]
 #: A product's live broadcasts in id order: (id, expiry_ms, size).
 _Live = list[tuple[str, int, int]]
 
@@ -571,7 +561,7 @@ class RedisStore:
         dead = [tagged.decode() for tagged in dead]
         # Bodies: unicast ones from each message, broadcasts in one read; the body of each
         # dead-lettered message is read before its release may delete it.
-        ops: list[_Op] = [
+        ops: list[Op] = [
             ("HGET", [self.message_key(product, t[1:])], ["b"]) for t in handed if t[0] == "u"
         ]
         for tagged in dead:
@@ -617,7 +607,7 @@ class RedisStore:
         """Append the dead letters, and drop inbox entries whose body is gone."""
         at_ms = time.time_ns() // 1_000_000
         entries = [pack([uid, at_ms, body], "dead letter", 2**32) for body in dead_bodies if body]
-        ops: list[_Op] = []
+        ops: list[Op] = []
         if entries:
             ops += [
                 ("LPUSH", [letters], entries),
@@ -636,7 +626,7 @@ class RedisStore:
         if not acks:
             return 0
         products = list(dict.fromkeys(product for product, _ in acks))
-        ops: list[_Op] = [
+        ops: list[Op] = [
             (ACK, self.user_keys(product, uid)[:2], ids) for (product, uid), ids in acks.items()
         ]
         ops += [(BROADCASTS_LIVE, self.product_keys(product)[:2], []) for product in products]
@@ -728,29 +718,5 @@ class RedisStore:
     def _cutoff(self) -> str:
         return id_floor(time.time_ns() // 1_000_000 - self._settle_ms)
 
-    async def _run(self, ops: list[_Op]) -> list:
-        """Run the steps in one pipeline; after a restart emptied Redis's script cache,
-        load the scripts and rerun the steps that missed them (they did nothing)."""
-        if not ops:
-            return []
-        results = await self._send(ops)
-        missing = [i for i, result in enumerate(results) if isinstance(result, NoScriptError)]
-        if missing:
-            for source in {cast(_Script, ops[i][0]).source for i in missing}:
-                await self._redis.script_load(source)
-            retried = await self._send([ops[i] for i in missing])
-            for i, result in zip(missing, retried, strict=True):
-                results[i] = result
-        for result in results:
-            if isinstance(result, Exception):
-                raise result
-        return results
-
-    async def _send(self, ops: list[_Op]) -> list:
-        pipe = self._redis.pipeline(transaction=False)
-        for step, keys, args in ops:
-            if isinstance(step, _Script):
-                pipe.evalsha(step.sha, len(keys), *keys, *args)
-            else:
-                pipe.execute_command(step, *keys, *args)
-        return await pipe.execute(raise_on_error=False)
+    async def _run(self, ops: list[Op]) -> list:
+        return await run_pipelined(self._redis, ops)
