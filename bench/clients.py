@@ -20,7 +20,6 @@ import contextlib
 import os
 import resource
 import socket
-import struct
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -50,9 +49,6 @@ TOKEN_TTL_S = 24 * 3600
 MAX_CACHED_CHUNKS = 4096  # distinct room chunks remembered per worker; then start over
 MAX_PROBE_COUNT = 255
 DEFAULT_HEARTBEAT_S = 25.0
-
-_unpack_medium = struct.Struct("!H").unpack_from
-_unpack_long = struct.Struct("!Q").unpack_from
 
 
 class ServerFrameError(ValueError):
@@ -106,18 +102,10 @@ class ServerFrameParser:
             if b0 & 0x70:
                 raise ServerFrameError("reserved bits set")
             opcode, fin = b0 & 0x0F, b0 & 0x80
-            length = b1 & 0x7F
-            head = pos + 2
-            if length == 126:
-                if end - head < 2:
-                    break
-                (length,) = _unpack_medium(buf, head)
-                head += 2
-            elif length == 127:
-                if end - head < 8:
-                    break
-                (length,) = _unpack_long(buf, head)
-                head += 8
+            found = ws.payload_length(buf, pos, end)
+            if found is None:
+                break
+            length, head = found
             if length > self.max_size:
                 raise ServerFrameError(f"frame of {length} bytes, limit {self.max_size}")
             if end - head < length:

@@ -38,6 +38,22 @@ _unpack_medium = struct.Struct("!H").unpack_from
 _unpack_long = struct.Struct("!Q").unpack_from
 
 
+def payload_length(buf: bytes | bytearray, pos: int, end: int) -> tuple[int, int] | None:
+    """(payload length, offset after the length fields) of the frame header at `pos`, or
+    None while its extended length has not fully arrived. Shared by both directions."""
+    length = buf[pos + 1] & 0x7F
+    head = pos + 2
+    if length == 126:
+        if end - head < 2:
+            return None
+        return _unpack_medium(buf, head)[0], head + 2
+    if length == 127:
+        if end - head < 8:
+            return None
+        return _unpack_long(buf, head)[0], head + 8
+    return length, head
+
+
 def _py_apply_mask(data: bytes | bytearray | memoryview, mask: bytes) -> bytes:
     """XOR `data` with the repeated 4-byte `mask`, one big-integer operation for all of it."""
     n = len(data)
@@ -175,20 +191,12 @@ class FrameParser:
             elif self._frag is not None:
                 raise _violation("new message before the fragmented one ended")
 
-            length = b1 & 0x7F
-            head = pos + 2
-            if length == 126:
-                if end - head < 2:
-                    break
-                (length,) = _unpack_medium(buf, head)
-                head += 2
-            elif length == 127:
-                if end - head < 8:
-                    break
-                (length,) = _unpack_long(buf, head)
-                head += 8
-                if length >> 63:
-                    raise _violation("frame length with the most significant bit set")
+            found = payload_length(buf, pos, end)
+            if found is None:
+                break
+            length, head = found
+            if length >> 63:
+                raise _violation("frame length with the most significant bit set")
             if opcode >= OP_CLOSE:
                 if length > MAX_CONTROL_PAYLOAD:
                     raise _violation(f"control frame of {length} bytes, limit 125")
