@@ -29,6 +29,7 @@ from im.rpc import RpcServer, RpcUnavailable
 from im.sessions import Node, Session
 from register.engines.memory import MemoryStore
 from register.engines.switches_memory import MemorySwitchStore
+from tests.fixtures.room_calls import room_push_entries
 from tests.fixtures.system import eventually
 
 KEY = "demo-api-key-0123456789"
@@ -66,11 +67,9 @@ class FakeRoom:
         return {"written": written, "missing": missing}
 
     async def room_push(self, params: dict[str, Any]) -> dict[str, Any]:
-        """Recorded one entry per message, whether it came alone or among `items`."""
-        items = params.get("items") or [{"msg": params["msg"], "shard": params["shard"]}]
-        common = {k: v for k, v in params.items() if k not in ("items", "msg", "shard")}
-        self.room_calls.extend({**common, **item} for item in items)
-        return {"written": len(items), "dropped": 0}
+        entries = room_push_entries(params)
+        self.room_calls.extend(entries)
+        return {"written": len(entries), "dropped": 0}
 
     async def broadcast(self, params: dict[str, Any]) -> dict[str, Any]:
         self.broadcasts.append(params)

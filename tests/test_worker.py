@@ -38,6 +38,7 @@ from im.sessions import Node, Session
 from im.switches import Switches, parse_switches
 from register.engines.memory import MemoryStore
 from tests.fixtures.kafka_broker import KafkaBroker, broker_binary
+from tests.fixtures.room_calls import room_push_entries
 from tests.fixtures.system import eventually
 
 TTL = 60.0
@@ -96,12 +97,10 @@ class Room:
         return {"written": sum(len(item["conns"]) for item in params["items"]), "missing": []}
 
     async def _room_push(self, params: dict[str, Any]) -> dict[str, Any]:
-        """Recorded one entry per message, whether it came alone or among `items`."""
         self.room_push_calls += 1
-        items = params.get("items") or [{"msg": params["msg"], "shard": params["shard"]}]
-        common = {k: v for k, v in params.items() if k not in ("items", "msg", "shard")}
-        self.room_pushes.extend({**common, **item} for item in items)
-        return {"written": len(items), "dropped": 0}
+        entries = room_push_entries(params)
+        self.room_pushes.extend(entries)
+        return {"written": len(entries), "dropped": 0}
 
     async def _broadcast(self, params: dict[str, Any]) -> dict[str, Any]:
         self.broadcasts.append(params)
