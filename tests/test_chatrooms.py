@@ -9,7 +9,7 @@ import pytest
 
 from im.protocol.errors import ErrorCode
 from room.fanout import shard_of
-from tests.fixtures.system import System, eventually, metric_value
+from tests.fixtures.system import System, at_second_start, eventually, metric_value
 
 TRANSPORTS = ["tcp", "ws_msgpack", "ws_json"]
 
@@ -177,6 +177,7 @@ async def test_big_room_budget_drops_only_what_the_switches_say(make_system):
     system = await make_system(rooms=1, center=False)
     member = await joined(system, "u", "r1")
     await with_switches(system, {"big_rooms": ["r1"], "room_budget": 3})
+    await at_second_start()
     answers = [await room_push(system, 0, push(n)) for n in range(6)]
     answers.append(await room_push(system, 0, push(99, pri="high", type_="gift")))
     got = sorted(m["body"]["n"] for m in await drain(member))
@@ -242,6 +243,7 @@ async def test_idc_budget_throttles_big_room_normal_traffic_but_not_high(make_sy
         system,
         {"big_rooms": ["r1"], "room_budget": 100, "idc_budget": {"bj": 8}, "float_range": 0},
     )
+    await at_second_start()
     for n in range(5):
         await room_push(system, 0, push(n))  # each costs 4 deliveries: 2 fit in 8/s
     await room_push(system, 0, push(9, pri="high"))

@@ -7,7 +7,6 @@ workers. Switches are changed with PUT /v1/admin/switches while the clients stay
 from __future__ import annotations
 
 import asyncio
-import math
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -18,7 +17,14 @@ import pytest_asyncio
 from im.config import DEV_ADMIN_KEY, DEV_PRODUCT, Product, dev_products
 from im.sdk import Client
 from room.fanout import shard_of
-from tests.fixtures.system import FANOUT_ENGINES, RawClient, System, eventually, metric_value
+from tests.fixtures.system import (
+    FANOUT_ENGINES,
+    RawClient,
+    System,
+    at_second_start,
+    eventually,
+    metric_value,
+)
 
 #: The first job on Kafka waits for the workers to join their group.
 WAIT = 15.0
@@ -161,13 +167,6 @@ def pushes(frames: list[dict[str, Any]], **match: Any) -> list[dict[str, Any]]:
     for frame in frames:
         flat.extend(frame["msgs"] if frame.get("op") == "batch" else [frame])
     return [m for m in flat if m.get("op") == "push" and match.items() <= m.items()]
-
-
-async def at_second_start() -> None:
-    """Sleep to just past the start of the next second of the loop's clock: the rooms run
-    in this loop and count their budgets in its whole seconds."""
-    now = asyncio.get_running_loop().time()
-    await asyncio.sleep(math.floor(now) + 1.02 - now)
 
 
 async def room_drops(system: System, i: int, room: str, reason: str, type_: str = "") -> float:
