@@ -39,8 +39,9 @@ class RegisterClient(EngineClient):
     async def room_instances(self, product: str, room: str) -> dict[str, int]:
         return await self._call("rooms.instances", [product, room])
 
-    async def put_node(self, node: Node, ttl: float) -> None:
-        await self._call("nodes.put", [node.to_wire(), ttl])
+    async def put_node(self, node: Node, ttl: float) -> str:
+        # A register older than epochs answers None: "" never looks like lost data.
+        return await self._call("nodes.put", [node.to_wire(), ttl]) or ""
 
     async def remove_node(self, instance: str) -> None:
         await self._call("nodes.remove", instance)

@@ -8,6 +8,7 @@ callers never know which.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -34,7 +35,8 @@ class Session:
 
 @dataclass(frozen=True, slots=True)
 class Node:
-    """A live room instance: where clients connect and where center sends its RPCs."""
+    """A live room instance: where clients connect, where center sends its RPCs, and the load
+    the dispatcher balances on."""
 
     instance: str
     rpc: str  # host:port of the instance's internal RPC listener
@@ -42,14 +44,100 @@ class Node:
     tcp: str = ""  # host:port
     idc: str = "default"
     conns: int = 0
+    isp: str = ""  # network (carrier) tag; "" = any
+    max_conns: int = 0  # 0 = no limit
+    conn_rate: float = 0.0  # connections accepted per second over the last renewal interval
+    max_conn_rate: float = 0.0  # 0 = no limit
+    draining: bool = False  # stopped accepting: send no new clients here
+
+    def __post_init__(self) -> None:
+        for name in ("instance", "rpc", "ws", "tcp", "idc", "isp"):
+            if not isinstance(getattr(self, name), str):
+                raise ValueError(f"node {name} must be a string, got {getattr(self, name)!r}")
+        for name in ("conns", "max_conns", "conn_rate", "max_conn_rate"):
+            value = getattr(self, name)
+            if not 0 <= value < math.inf:
+                raise ValueError(f"node {name} must be a finite number >= 0, got {value!r}")
 
     def to_wire(self) -> list:
-        return [self.instance, self.rpc, self.ws, self.tcp, self.idc, self.conns]
+        return [
+            self.instance,
+            self.rpc,
+            self.ws,
+            self.tcp,
+            self.idc,
+            self.conns,
+            self.isp,
+            self.max_conns,
+            self.conn_rate,
+            self.max_conn_rate,
+            self.draining,
+        ]
 
     @classmethod
     def from_wire(cls, fields: Sequence) -> Node:
-        instance, rpc, ws, tcp, idc, conns = fields
-        return cls(instance, rpc, ws, tcp, idc, int(conns))
+        """Also reads the 6-field rows of older instances, and ignores fields after the 11th
+        (newer ones); numbers may arrive as decimal text, which is how Redis keeps them.
+        ValueError on anything else."""
+        if not isinstance(fields, list | tuple):
+            raise ValueError(f"a node row is a list, got {type(fields).__name__}")
+        if len(fields) != 6 and len(fields) < 11:
+            raise ValueError(f"a node row has 6 or at least 11 fields, got {len(fields)}")
+        instance, rpc, ws, tcp, idc, conns = fields[:6]
+        if len(fields) == 6:
+            return cls(instance, rpc, ws, tcp, idc, int(conns))
+        isp, max_conns, conn_rate, max_conn_rate, draining = fields[6:11]
+        return cls(
+            instance,
+            rpc,
+            ws,
+            tcp,
+            idc,
+            int(conns),
+            isp,
+            int(max_conns),
+            float(conn_rate),
+            float(max_conn_rate),
+            _flag(draining),
+        )
+
+
+def _flag(value: object) -> bool:
+    """A wire boolean: true/false, or 1/0 as number or text (Redis keeps no booleans)."""
+    if value in (True, False, "1", "0"):
+        return value in (True, "1")
+    raise ValueError(f"node draining must be a boolean, got {value!r}")
+
+
+class NodeRenewal:
+    """What an instance remembers between renewals of its node lease (sans-I/O): its accept
+    count and clock at the last renewal, for `Node.conn_rate`, and the store's epoch, to
+    notice a store that lost its data."""
+
+    __slots__ = ("epoch", "_accepted", "_at")
+
+    def __init__(self, accepted: int, now: float) -> None:
+        self.epoch = ""
+        self._accepted = accepted
+        self._at = now
+
+    def conn_rate(self, accepted: int, now: float) -> float:
+        """Connections accepted per second since the previous call (or creation)."""
+        elapsed = now - self._at
+        if elapsed <= 0:
+            return 0.0
+        rate = (accepted - self._accepted) / elapsed
+        self._accepted, self._at = accepted, now
+        return rate
+
+    def lost_data(self, epoch: str) -> bool:
+        """Remember the epoch a `put_node` returned; True when it replaces a different one,
+        i.e. the store lost what this instance had put there. An empty epoch (a register
+        that predates epochs) is never news."""
+        previous = self.epoch
+        if epoch:
+            self.epoch = epoch
+        return bool(previous) and bool(epoch) and epoch != previous
 
 
 #: (product, room, members on one instance): one row of `SessionStore.put_rooms`.
@@ -100,8 +188,11 @@ class SessionStore(Protocol):
         """Member count per instance whose entry in the room is live; {} for an unknown room.
         The room's total is the sum: each instance counts only its own members."""
 
-    async def put_node(self, node: Node, ttl: float) -> None:
-        """Add or renew a room instance's lease."""
+    async def put_node(self, node: Node, ttl: float) -> str:
+        """Add or renew a room instance's lease, and return the store's epoch: a random token
+        that stays the same while the store keeps its data and changes when it lost it (a
+        register restarted empty, a flushed Redis). A writer that sees it change puts
+        everything it holds again at once instead of waiting for its next renewal."""
 
     async def remove_node(self, instance: str) -> None:
         """Drop a room instance from the node table (clean shutdown)."""

@@ -90,9 +90,9 @@ class RegisterServer(EngineService):
         product, room = params
         return await self.store.room_instances(product, room)
 
-    async def _put_node(self, params: Any) -> None:
+    async def _put_node(self, params: Any) -> str:
         fields, ttl = params
-        await self.store.put_node(Node.from_wire(fields), float(ttl))
+        return await self.store.put_node(Node.from_wire(fields), float(ttl))
 
     async def _remove_node(self, params: Any) -> None:
         await self.store.remove_node(str(params))

@@ -11,6 +11,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from im.register_client import RegisterClient
+from im.rpc import RpcClient, RpcError
 from im.sessions import Node, Session, SessionStore
 from register.config import RegisterConfig
 from register.engines.memory import MemoryStore
@@ -149,6 +150,106 @@ async def test_node_table(store: SessionStore) -> None:
     await store.remove_node("room-1")
     await store.remove_node("room-9")
     assert await store.nodes() == [two]
+
+
+LOADED = Node(
+    "room-1",
+    "127.0.0.1:7001",
+    "ws://127.0.0.1:8001/ws",
+    "127.0.0.1:9001",
+    "bj",
+    conns=120,
+    isp="cmcc",
+    max_conns=5000,
+    conn_rate=12.5,
+    max_conn_rate=200.0,
+    draining=True,
+)
+
+
+async def test_node_load_fields_are_kept(store: SessionStore) -> None:
+    idle = Node("room-2", "127.0.0.1:7002", isp="unicom", max_conns=10)
+    await store.put_node(LOADED, TTL)
+    await store.put_node(idle, TTL)
+    assert sorted(await store.nodes(), key=lambda n: n.instance) == [LOADED, idle]
+    undrained = Node(*LOADED.to_wire()[:-1], draining=False)
+    await store.put_node(undrained, TTL)
+    assert sorted(await store.nodes(), key=lambda n: n.instance) == [undrained, idle]
+
+
+async def test_epoch_stays_while_the_store_keeps_its_data(store: SessionStore) -> None:
+    epoch = await store.put_node(Node("room-1", "127.0.0.1:7001"), TTL)
+    assert isinstance(epoch, str) and len(epoch) >= 8
+    await store.put_sessions([Session("chat", "u1", "c1", "room-1")], TTL)
+    assert await store.put_node(Node("room-2", "127.0.0.1:7002"), TTL) == epoch
+    await store.remove_node("room-1")
+    await store.remove_node("room-2")
+    assert await store.put_node(Node("room-1", "127.0.0.1:7001", conns=5), TTL) == epoch
+
+
+async def test_a_new_memory_store_has_a_new_epoch() -> None:
+    first, second = MemoryStore(), MemoryStore()
+    node = Node("room-1", "127.0.0.1:7001")
+    assert await first.put_node(node, TTL) != await second.put_node(node, TTL)
+    await first.close()
+    await second.close()
+
+
+def test_node_wire_round_trip() -> None:
+    assert Node.from_wire(LOADED.to_wire()) == LOADED
+    assert Node.from_wire(Node("room-2", "127.0.0.1:7002").to_wire()) == Node(
+        "room-2", "127.0.0.1:7002"
+    )
+
+
+def test_node_wire_reads_old_rows_text_numbers_and_newer_rows() -> None:
+    old = ["room-1", "127.0.0.1:7001", "ws://h:1/ws", "h:2", "bj", 7]
+    assert Node.from_wire(old) == Node("room-1", "127.0.0.1:7001", "ws://h:1/ws", "h:2", "bj", 7)
+    text = ["room-1", "r:1", "", "", "bj", "7", "cmcc", "100", "2.5", "0.0", "1"]
+    assert Node.from_wire(text) == Node(
+        "room-1", "r:1", idc="bj", conns=7, isp="cmcc", max_conns=100, conn_rate=2.5, draining=True
+    )
+    assert Node.from_wire([*LOADED.to_wire(), "a field of a later version"]) == LOADED
+
+
+@pytest.mark.parametrize(
+    ("row", "mentions"),
+    [
+        (["room-1", "r:1", "", "", "bj"], "6 or at least 11 fields"),
+        (["room-1", "r:1", "", "", "bj", 1, "cmcc"], "6 or at least 11 fields"),
+        (["room-1", "r:1", "", "", "bj", -1], "conns"),
+        (["room-1", "r:1", "", "", "bj", 1, "", -5, 0.0, 0.0, False], "max_conns"),
+        (["room-1", "r:1", "", "", "bj", 1, "", 0, float("nan"), 0.0, False], "conn_rate"),
+        (["room-1", "r:1", "", "", "bj", 1, "", 0, 0.0, float("inf"), False], "max_conn_rate"),
+        (["room-1", "r:1", "", "", "bj", 1, "", 0, 0.0, 0.0, "yes"], "draining"),
+        (["room-1", 7001, "", "", "bj", 1], "rpc"),
+        (["room-1", "r:1", "", "", "bj", 1, None, 0, 0.0, 0.0, False], "isp"),
+        (["room-1", "r:1", "", "", "bj", "many"], "invalid literal"),
+    ],
+)
+def test_bad_node_rows_are_refused(row: list, mentions: str) -> None:
+    with pytest.raises(ValueError, match=mentions):
+        Node.from_wire(row)
+
+
+async def test_register_server_answers_bad_node_rows_with_bad_request() -> None:
+    server = RegisterServer(RegisterConfig(port=0, metrics_port=0), MemoryStore())
+    await server.start()
+    client = RpcClient(server.rpc.address)
+    try:
+        old = ["room-old", "127.0.0.1:7001", "", "", "bj", 3]
+        epoch = await client.call("nodes.put", [old, TTL])
+        assert isinstance(epoch, str) and epoch
+        assert await client.call("nodes.list") == [
+            ["room-old", "127.0.0.1:7001", "", "", "bj", 3, "", 0, 0.0, 0.0, False]
+        ]
+        for bad in (["room-1", "r:1", "", "", "bj", -1], ["room-1"], "room-1"):
+            with pytest.raises(RpcError) as caught:
+                await client.call("nodes.put", [bad, TTL])
+            assert caught.value.code == "bad_request"
+    finally:
+        await client.close()
+        await server.close()
 
 
 @pytest.mark.parametrize(
@@ -413,4 +514,66 @@ async def test_redis_rooms_batch_is_one_round_trip(
     await store.put_rooms("room-1", rows, TTL)
     after = (await raw_redis.info("stats"))["total_reads_processed"]
     assert after - before <= 10
+    await store.close()
+
+
+async def test_redis_epoch_changes_when_redis_loses_its_data(
+    redis_server, redis_url: str, raw_redis: aioredis.Redis
+) -> None:
+    store = RedisStore(redis_url)
+    node = Node("room-1", "127.0.0.1:7001")
+    first = await store.put_node(node, TTL)
+    assert await raw_redis.get("im:epoch") == first.encode()
+    assert await raw_redis.pttl("im:epoch") == -1  # no lease: it lives as long as the data
+    redis_server.flushall()
+    second = await store.put_node(node, TTL)
+    assert second != first
+    assert await store.put_node(node, TTL) == second
+    redis_server.restart()
+    third = await store.put_node(node, TTL)
+    assert third not in (first, second)
+    assert [n.instance for n in await store.nodes()] == ["room-1"]
+    await store.close()
+
+
+async def test_redis_stores_have_their_own_epoch_per_prefix(redis_url: str) -> None:
+    one, two = RedisStore(redis_url, prefix="a"), RedisStore(redis_url, prefix="b")
+    node = Node("room-1", "127.0.0.1:7001")
+    assert await one.put_node(node, TTL) != await two.put_node(node, TTL)
+    assert await one.put_node(node, TTL) == await one.put_node(node, TTL)
+    await one.close()
+    await two.close()
+
+
+async def test_redis_node_row_layout(redis_url: str, raw_redis: aioredis.Redis) -> None:
+    store = RedisStore(redis_url)
+    await store.put_node(LOADED, TTL)
+    expiry, *fields = msgpack.unpackb(await raw_redis.hget("im:nodes", "room-1"))
+    assert isinstance(expiry, int)
+    assert fields == [
+        "127.0.0.1:7001",
+        "ws://127.0.0.1:8001/ws",
+        "127.0.0.1:9001",
+        "bj",
+        "120",
+        "cmcc",
+        "5000",
+        "12.5",
+        "200.0",
+        "1",
+    ]
+    await store.close()
+
+
+async def test_redis_reads_node_rows_of_older_instances(
+    redis_url: str, raw_redis: aioredis.Redis
+) -> None:
+    store = RedisStore(redis_url)
+    seconds, micros = await raw_redis.time()
+    expiry = seconds * 1000 + micros // 1000 + 30_000
+    old = msgpack.packb([expiry, "127.0.0.1:7009", "ws://h:1/ws", "h:2", "sh", "4"])
+    await raw_redis.hset("im:nodes", "room-old", old)
+    assert await store.nodes() == [
+        Node("room-old", "127.0.0.1:7009", "ws://h:1/ws", "h:2", "sh", 4)
+    ]
     await store.close()

@@ -4,6 +4,7 @@ clock."""
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
@@ -38,6 +39,8 @@ class MemoryStore:
         self._sweep_pending: list[_UserKey] = []
         self._room_sweep_pending: list[_RoomKey] = []
         self._entries = 0
+        # Data lives exactly as long as this object, and so does its epoch.
+        self._epoch = os.urandom(8).hex()
 
     def __len__(self) -> int:
         """Session entries held, including expired ones not swept yet (bounds memory)."""
@@ -108,9 +111,10 @@ class MemoryStore:
         _drop_expired_room(self._rooms, key, instances, time.monotonic())
         return {instance: count for instance, (count, _) in instances.items()}
 
-    async def put_node(self, node: Node, ttl: float) -> None:
+    async def put_node(self, node: Node, ttl: float) -> str:
         _check_ttl(ttl)
         self._nodes[node.instance] = (node, time.monotonic() + ttl)
+        return self._epoch
 
     async def remove_node(self, instance: str) -> None:
         self._nodes.pop(instance, None)

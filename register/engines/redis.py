@@ -9,6 +9,12 @@ own TTL follows the longest lease so an abandoned user or room disappears whole.
 are taken from the Redis server clock inside the scripts, so every writer and reader
 agrees on them.
 
+The node table is one hash, `<prefix>:nodes`, field instance -> msgpack [expiry_ms, rpc, ws,
+tcp, idc, conns, isp, max_conns, conn_rate, max_conn_rate, draining], every value as text
+(draining as 1 or 0); rows of older instances end after conns. The store's epoch is the key
+`<prefix>:epoch`, a random token set only if missing and never expiring: a Redis that lost
+its data has lost it too, and the next node renewal makes a new one.
+
 Batches cost one round trip: one pipeline of single-key commands, never a script over
 several users or rooms (their keys sit in different cluster slots). A call whose pooled connection
 turns out dead (Redis restarted) is sent once more on a new one; other Redis errors, and a
@@ -18,6 +24,7 @@ Redis that stays down, propagate to the caller.
 from __future__ import annotations
 
 import math
+import os
 from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
@@ -77,9 +84,17 @@ return live
 """
 
 
+# ARGV: a fresh random token, which becomes the epoch only if there is none yet.
+_EPOCH = """
+redis.call('SET', KEYS[1], ARGV[1], 'NX')
+return redis.call('GET', KEYS[1])
+"""
+
+
 _PUT_SCRIPT = script(_PUT)
 _PUT_COUNT_SCRIPT = script(_PUT_COUNT)
 _READ_SCRIPT = script(_READ)
+_EPOCH_SCRIPT = script(_EPOCH)
 
 
 def _escape(part: str) -> str:
@@ -108,6 +123,7 @@ class RedisStore:
         self._redis = open_redis(url)
         self._prefix = prefix
         self._nodes_key = f"{prefix}:nodes"
+        self._epoch_key = f"{prefix}:epoch"
 
     def user_key(self, product: str, uid: str) -> str:
         return f"{self._prefix}:s:{{{_escape(product)}:{_escape(uid)}}}"
@@ -160,10 +176,16 @@ class RedisStore:
         (flat,) = await self._eval_many([(_READ_SCRIPT, self.room_key(product, room), ())])
         return {instance: int(count) for instance, (_, count) in _pairs(flat)}
 
-    async def put_node(self, node: Node, ttl: float) -> None:
-        wire = node.to_wire()
+    async def put_node(self, node: Node, ttl: float) -> str:
+        wire = [int(value) if isinstance(value, bool) else value for value in node.to_wire()]
         args = [_ttl_ms(ttl), len(wire) - 1, *wire]
-        await self._eval_many([(_PUT_SCRIPT, self._nodes_key, args)])
+        _, epoch = await self._eval_many(
+            [
+                (_PUT_SCRIPT, self._nodes_key, args),
+                (_EPOCH_SCRIPT, self._epoch_key, (os.urandom(8).hex(),)),
+            ]
+        )
+        return epoch.decode()
 
     async def remove_node(self, instance: str) -> None:
         await self._redis.hdel(self._nodes_key, instance)
