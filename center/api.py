@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hmac
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from importlib import resources
 from typing import Any
 
@@ -16,11 +16,13 @@ from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_
 
 from center.errors import (
     INTERNAL,
+    NOT_FOUND,
     UNAUTHORIZED,
     UNAVAILABLE,
     ApiError,
     code_for_status,
     error_body,
+    invalid_field,
 )
 from center.jobs import (
     PIN_PARTITIONS,
@@ -34,6 +36,7 @@ from center.jobs import (
     users_job,
 )
 from center.push import Directory, RegisterUnavailable, WarnThrottle
+from center.storage import Storage, check_idempotency_key, fingerprint
 from center.validation import (
     build_push,
     check_frame_size,
@@ -46,6 +49,7 @@ from center.validation import (
 from im.bus import Bus, BusError, BusFull
 from im.config import Product
 from im.ids import id_time_ms, new_id
+from im.messages_store import is_id
 from im.switches import Switches
 
 log = logging.getLogger("center.api")
@@ -165,10 +169,15 @@ class Api:
     """
 
     def __init__(
-        self, directory: Directory, publisher: Publisher, products: Mapping[str, Product]
+        self,
+        directory: Directory,
+        publisher: Publisher,
+        products: Mapping[str, Product],
+        storage: Storage | None,
     ) -> None:
         self._directory = directory
         self._publisher = publisher
+        self._storage = storage
         self._products = dict(products)
         self._keys = [(name, product.api_key.encode()) for name, product in products.items()]
         self._openapi = resources.files("center").joinpath("openapi.json").read_bytes()
@@ -192,46 +201,137 @@ class Api:
             raise ApiError(401, UNAUTHORIZED, "invalid API key", challenge)
         return found
 
+    async def _accept(
+        self,
+        request: web.Request,
+        product: str,
+        raw: bytes,
+        work: Callable[[str], Awaitable[dict[str, Any]]],
+    ) -> web.Response:
+        """Runs `work(message_id)` once per Idempotency-Key (or once, without the header)."""
+        key = check_idempotency_key(request.headers.get("Idempotency-Key"))
+        if key is None:
+            return json_response(await work(new_id()))
+        print_ = fingerprint(_route_label(request), raw)
+        answer, replayed = await self._need_storage().once(product, key, print_, new_id(), work)
+        return json_response(answer, headers={"Idempotent-Replayed": "true"} if replayed else None)
+
+    def _need_storage(self) -> Storage:
+        if self._storage is None:
+            raise ApiError(
+                503,
+                UNAVAILABLE,
+                "no message saver is configured (center --saver): qos 1 and Idempotency-Key "
+                "need one",
+            )
+        return self._storage
+
     async def push_users(self, request: web.Request) -> web.Response:
         product = self._product(request)
-        push_request = parse_push(await request.read())
-        message_id = new_id()
-        job = users_job(
-            product, push_request.uids, build_push(push_request, message_id, id_time_ms(message_id))
-        )
-        check_frame_size(job.msg)
-        with PUSH_SECONDS.labels("users").time():
-            online = await self._directory.online(product, push_request.uids)
-            await self._publisher.publish(job)
-        return json_response({"id": message_id, "online": online})
+        raw = await request.read()
+        push_request = parse_push(raw)
+
+        async def work(message_id: str) -> dict[str, Any]:
+            push = build_push(push_request, message_id, id_time_ms(message_id))
+            job = users_job(product, push_request.uids, push)
+            check_frame_size(job.msg)
+            answer: dict[str, Any] = {"id": message_id}
+            with PUSH_SECONDS.labels("users").time():
+                if push_request.qos == 1:
+                    stored = await self._need_storage().store_users(
+                        product, push_request.uids, push, push_request.ttl
+                    )
+                    answer.update(
+                        recipients=len(push_request.uids),
+                        stored=stored.stored,
+                        evicted=stored.evicted,
+                    )
+                answer["online"] = await self._directory.online(product, push_request.uids)
+                await self._publish(job)
+            return answer
+
+        return await self._accept(request, product, raw, work)
 
     async def push_room(self, request: web.Request) -> web.Response:
         product = self._product(request)
         room = check_room(request.match_info["room"])
-        room_request = parse_room_push(await request.read())
-        message_id = new_id()
-        push = build_push(room_request, message_id, id_time_ms(message_id))
-        job = room_job(product, room, push, room_request.sender)
-        check_frame_size(job.msg)
-        with PUSH_SECONDS.labels("room").time():
-            members = sum((await self._directory.room_instances(product, room)).values())
-            await self._publisher.publish(job)
-        return json_response({"id": message_id, "members": members})
+        raw = await request.read()
+        room_request = parse_room_push(raw)
+
+        async def work(message_id: str) -> dict[str, Any]:
+            push = build_push(room_request, message_id, id_time_ms(message_id))
+            job = room_job(product, room, push, room_request.sender)
+            check_frame_size(job.msg)
+            with PUSH_SECONDS.labels("room").time():
+                members = sum((await self._directory.room_instances(product, room)).values())
+                await self._publish(job)
+            return {"id": message_id, "members": members}
+
+        return await self._accept(request, product, raw, work)
 
     async def push_broadcast(self, request: web.Request) -> web.Response:
         product = self._product(request)
-        broadcast = parse_broadcast(await request.read())
+        raw = await request.read()
+        broadcast = parse_broadcast(raw)
         spread_s = broadcast.spread_s
         if spread_s is None:
             spread_s = self._products[product].broadcast_spread_s
-        message_id = new_id()
-        job = broadcast_job(
-            product, build_push(broadcast, message_id, id_time_ms(message_id)), spread_s
-        )
-        check_frame_size(job.msg)
-        with PUSH_SECONDS.labels("broadcast").time():
+
+        async def work(message_id: str) -> dict[str, Any]:
+            push = build_push(broadcast, message_id, id_time_ms(message_id))
+            job = broadcast_job(product, push, spread_s)
+            check_frame_size(job.msg)
+            answer: dict[str, Any] = {"id": message_id, "spread_s": spread_s}
+            with PUSH_SECONDS.labels("broadcast").time():
+                if broadcast.qos == 1:
+                    stored = await self._need_storage().store_broadcast(
+                        product, push, broadcast.ttl
+                    )
+                    answer["stored"] = stored.stored
+                await self._publish(job)
+            return answer
+
+        return await self._accept(request, product, raw, work)
+
+    async def _publish(self, job: Job) -> None:
+        """A stored (qos 1) message is not lost when the bus refuses it: it waits in the
+        saver for the user's next login. The answer says so, and a retry with the same
+        Idempotency-Key delivers it live without storing it twice."""
+        try:
             await self._publisher.publish(job)
-        return json_response({"id": message_id, "spread_s": spread_s})
+        except BusError as exc:
+            if job.msg["qos"] != 1:
+                raise
+            reason = "full" if isinstance(exc, BusFull) else "unavailable"
+            raise ApiError(
+                503,
+                UNAVAILABLE,
+                f"the message {job.id} is stored, but the message bus is {reason}, so online "
+                "users did not get it live; retry with the same Idempotency-Key",
+                {"Retry-After": "1"},
+            ) from None
+
+    async def message(self, request: web.Request) -> web.Response:
+        product = self._product(request)
+        message_id = request.match_info["id"]
+        if not is_id(message_id):
+            raise invalid_field("id", "is not a message id")
+        found = await self._need_storage().delivery(product, message_id)
+        if found is None:
+            raise ApiError(
+                404,
+                NOT_FOUND,
+                f"no delivery record for message {message_id}: unknown, qos 0, a room push or "
+                "a broadcast (not tracked per user), or past its retention",
+            )
+        return json_response(
+            {
+                "id": message_id,
+                "recipients": found.recipients,
+                "counts": found.counts(),
+                "states": found.states,
+            }
+        )
 
     async def room_info(self, request: web.Request) -> web.Response:
         product = self._product(request)
@@ -274,16 +374,18 @@ def build_app(
     directory: Directory,
     publisher: Publisher,
     products: Mapping[str, Product],
+    storage: Storage | None,
     *,
     max_body: int = MAX_BODY,
 ) -> web.Application:
-    api = Api(directory, publisher, products)
+    api = Api(directory, publisher, products, storage)
     app = web.Application(middlewares=[error_middleware(max_body)], client_max_size=max_body)
     app.router.add_post("/v1/push/users", api.push_users)
     app.router.add_post("/v1/push/rooms/{room}", api.push_room)
     app.router.add_post("/v1/push/broadcast", api.push_broadcast)
     app.router.add_get("/v1/rooms/{room}", api.room_info)
     app.router.add_get("/v1/users/{uid}/sessions", api.user_sessions)
+    app.router.add_get("/v1/messages/{id}", api.message)
     app.router.add_get("/healthz", api.healthz)
     app.router.add_get("/metrics", api.metrics)
     app.router.add_get("/openapi.json", api.openapi)

@@ -19,6 +19,13 @@ class CenterConfig:
     host: str = field(default="127.0.0.1", metadata={"help": "listen address"})
     port: int = field(default=8080, metadata={"help": "listen port, 0 for any free one"})
     register: str = field(default="127.0.0.1:8070", metadata={"help": "register RPC host:port"})
+    saver: str = field(
+        default="127.0.0.1:8072",
+        metadata={
+            "help": "saver RPC host:port, where qos 1 messages are stored before the answer; "
+            "empty: none (qos 1 and Idempotency-Key then answer 503)"
+        },
+    )
     config: str | None = field(default=None, metadata={"help": "products TOML file"})
     rpc_timeout: float = field(default=2.0, metadata={"help": "seconds per register/room RPC"})
     max_body: int = field(default=1024 * 1024, metadata={"help": "largest request body, bytes"})

@@ -19,9 +19,11 @@ from center.api import Publisher, build_app
 from center.config import GROUP, CenterConfig
 from center.jobs import PUSH_PARTITIONS, PUSH_TOPIC
 from center.push import Directory
+from center.storage import Storage
 from center.worker import FanoutWorker
 from im.bus import Bus, open_bus
 from im.config import Product
+from im.saver_client import SaverClient
 from im.sessions import SessionStore
 from im.switches import SwitchStore
 from im.switches_feed import SwitchesFeed
@@ -85,7 +87,13 @@ class CenterServer:
             for i in range(config.workers)
         ]
         publisher = Publisher(self.bus, self.switches)
-        self._app = build_app(Directory(store), publisher, products, max_body=config.max_body)
+        self._saver = None
+        if config.saver:
+            self._saver = SaverClient(config.saver, timeout=config.rpc_timeout)
+        storage = Storage(self._saver) if self._saver is not None else None
+        self._app = build_app(
+            Directory(store), publisher, products, storage, max_body=config.max_body
+        )
         if admin_key is not None and switch_store is not None:
             add_admin_routes(self._app, switch_store, admin_key, _business_keys(products))
         else:
@@ -150,6 +158,8 @@ class CenterServer:
         await self.switches.close()
         if self._owns_bus:
             await self.bus.close()
+        if self._saver is not None:
+            await self._saver.close()
         if self._owns_store:
             await self._store.close()
         log.info("center closed")

@@ -13,9 +13,10 @@ from typing import Any
 import orjson
 
 from center.errors import INVALID_JSON, TOO_LARGE, ApiError, invalid_field
+from im.messages_store import DEFAULT_TTL_S, MAX_TTL_S
 from im.protocol.codec import Encoding, encode
 from im.protocol.framing import DEFAULT_MAX_FRAME
-from im.protocol.messages import PRIORITIES, integer, number, one_of, text
+from im.protocol.messages import MAX_PULL_KEY, PRIORITIES, integer, number, one_of, text
 
 MAX_UIDS = 10_000
 MAX_UID_LEN = 128
@@ -25,10 +26,12 @@ MAX_SPREAD_S = 3600
 DEFAULT_TYPE = "chat"
 DEFAULT_PRI = "normal"
 DEFAULT_QOS = 0
-MESSAGE_FIELDS = ("type", "pri", "qos", "body")
+MESSAGE_FIELDS = ("type", "pri", "qos", "body", "pull", "ttl")
 PUSH_FIELDS = ("uids", *MESSAGE_FIELDS)
 ROOM_FIELDS = (*MESSAGE_FIELDS, "from")
 BROADCAST_FIELDS = (*MESSAGE_FIELDS, "spread_s")
+#: A body-less push is a notify: the client fetches the body from the business by `pull`.
+NO_BODY = object()
 
 _uid = text(MAX_UID_LEN)
 _room = text(MAX_ROOM_LEN)
@@ -36,6 +39,8 @@ _type = text(MAX_TYPE_LEN)
 _pri = one_of(*PRIORITIES)
 _qos = integer(0, 1)
 _spread = number(0, MAX_SPREAD_S)
+_pull = text(MAX_PULL_KEY)
+_ttl = number(1, MAX_TTL_S)
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,7 +49,9 @@ class PushRequest:
     type: str
     pri: str
     qos: int
-    body: Any
+    body: Any  # NO_BODY for a notify that carries only `pull`
+    pull: str | None
+    ttl: float  # seconds the saver keeps a qos 1 message
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,7 +59,9 @@ class RoomPushRequest:
     type: str
     pri: str
     qos: int
-    body: Any
+    body: Any  # NO_BODY for a notify that carries only `pull`
+    pull: str | None
+    ttl: float  # seconds the saver keeps a qos 1 message
     sender: str | None  # "from": the audience member whose chat it is, for virtual sub-rooms
 
 
@@ -61,7 +70,9 @@ class BroadcastRequest:
     type: str
     pri: str
     qos: int
-    body: Any
+    body: Any  # NO_BODY for a notify that carries only `pull`
+    pull: str | None
+    ttl: float  # seconds the saver keeps a qos 1 message
     spread_s: float | None  # None: the product's default
 
 
@@ -124,30 +135,38 @@ def _document(raw: bytes, fields: tuple[str, ...], required: tuple[str, ...]) ->
 
 
 def _message(document: dict[str, Any]) -> dict[str, Any]:
+    qos = _optional(document, "qos", _qos, DEFAULT_QOS)
+    pull = _optional(document, "pull", _pull, None)
+    if "body" not in document and pull is None:
+        raise invalid_field("body", "is required (or 'pull', the key the client fetches)")
+    if "ttl" in document and qos != 1:
+        raise invalid_field("ttl", "applies to qos 1 only: a qos 0 push is never stored")
     return {
         "type": _optional(document, "type", _type, DEFAULT_TYPE),
         "pri": _optional(document, "pri", _pri, DEFAULT_PRI),
-        "qos": _optional(document, "qos", _qos, DEFAULT_QOS),
-        "body": document["body"],
+        "qos": qos,
+        "body": document.get("body", NO_BODY),
+        "pull": pull,
+        "ttl": float(_optional(document, "ttl", _ttl, DEFAULT_TTL_S)),
     }
 
 
 def parse_push(raw: bytes) -> PushRequest:
     """The body of POST /v1/push/users."""
-    document = _document(raw, PUSH_FIELDS, ("uids", "body"))
+    document = _document(raw, PUSH_FIELDS, ("uids",))
     return PushRequest(uids=_uids(document["uids"]), **_message(document))
 
 
 def parse_room_push(raw: bytes) -> RoomPushRequest:
     """The body of POST /v1/push/rooms/{room}."""
-    document = _document(raw, ROOM_FIELDS, ("body",))
+    document = _document(raw, ROOM_FIELDS, ())
     sender = check_uid(document["from"], "from") if "from" in document else None
     return RoomPushRequest(sender=sender, **_message(document))
 
 
 def parse_broadcast(raw: bytes) -> BroadcastRequest:
     """The body of POST /v1/push/broadcast."""
-    document = _document(raw, BROADCAST_FIELDS, ("body",))
+    document = _document(raw, BROADCAST_FIELDS, ())
     spread = _optional(document, "spread_s", _spread, None)
     return BroadcastRequest(
         spread_s=None if spread is None else float(spread), **_message(document)
@@ -158,15 +177,19 @@ def build_push(
     request: PushRequest | RoomPushRequest | BroadcastRequest, message_id: str, ts_ms: int
 ) -> dict[str, Any]:
     """The server `push` map the rooms write to each connection (room jobs add "room")."""
-    return {
+    push = {
         "op": "push",
         "id": message_id,
         "type": request.type,
         "pri": request.pri,
         "qos": request.qos,
         "ts": ts_ms,
-        "body": request.body,
     }
+    if request.body is not NO_BODY:
+        push["body"] = request.body
+    if request.pull is not None:
+        push["pull"] = request.pull
+    return push
 
 
 def check_frame_size(push: dict[str, Any], max_frame: int = DEFAULT_MAX_FRAME) -> None:

@@ -46,7 +46,19 @@ def plan(args: argparse.Namespace) -> list[Child]:
     ]
     if args.redis:
         register += ["--redis", args.redis]
-    children = [Child("register", register)]
+    saver_address = f"{host}:{args.register_port + 2}"
+    saver = [
+        "saver",
+        "--host",
+        host,
+        "--port",
+        str(args.register_port + 2),
+        "--metrics-port",
+        str(args.register_port + 3),
+    ]
+    if args.redis:
+        saver += ["--redis", args.redis]
+    children = [Child("register", register), Child("saver", saver)]
     register_address = f"{host}:{args.register_port}"
     for i in range(args.rooms):
         children.append(
@@ -60,6 +72,8 @@ def plan(args: argparse.Namespace) -> list[Child]:
                     host,
                     "--register",
                     register_address,
+                    "--saver",
+                    saver_address,
                     "--ws-port",
                     str(args.base_port + 2 * i),
                     "--tcp-port",
@@ -76,7 +90,12 @@ def plan(args: argparse.Namespace) -> list[Child]:
     # the in-process bus can only be read by workers inside center.
     bus = ["--brokers", args.kafka, "--workers", "0"] if args.kafka else []
     center = ["center", "--host", host, "--port", str(args.center_port)]
-    children.append(Child("center", [*center, "--register", register_address, *bus, *common]))
+    children.append(
+        Child(
+            "center",
+            [*center, "--register", register_address, "--saver", saver_address, *bus, *common],
+        )
+    )
     if args.kafka:
         for i in range(args.workers):
             children.append(
@@ -107,6 +126,8 @@ def banner(args: argparse.Namespace) -> str:
         f"register  {args.host}:{args.register_port} rpc, "
         f"http://{args.host}:{args.register_port + 1}/metrics  "
         f"({'redis ' + args.redis if args.redis else 'memory engine'})",
+        f"saver     {args.host}:{args.register_port + 2} rpc, "
+        f"http://{args.host}:{args.register_port + 3}/metrics",
     ]
     if args.kafka:
         for i in range(args.workers):
@@ -157,7 +178,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, stop)
     for child in children:
         child.start()
-        if child.name == "register":
+        if child.name in ("register", "saver"):
             time.sleep(0.3)  # rooms connect to it at once; spare them a failed first call
     print(banner(args), flush=True)
 

@@ -120,6 +120,9 @@ class MessageStore(Protocol):
         """Keep `answer` under `key` unless the key is already held: then return the
         answer kept first (and keep nothing). None means this call's answer now stands."""
 
+    async def recall_idempotency(self, product: str, key: str) -> dict | None:
+        """The answer held under `key`, or None when the key is unknown or expired."""
+
     async def ping(self) -> None:
         """Raise if the engine cannot serve (its Redis is down, say)."""
 

@@ -68,6 +68,9 @@ class SaverClient(EngineClient):
     ) -> dict | None:
         return await self._call("saver.idempotency", [product, key, answer, ttl_s])
 
+    async def recall_idempotency(self, product: str, key: str) -> dict | None:
+        return await self._call("saver.recall", [product, key])
+
     async def ping(self) -> None:
         """Raise RpcError unless the saver and its engine answer."""
         await self._call("saver.ping")

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from im import settings
+from im.rpc.client import parse_address
 
 BASE_WS_PORT = 8090
 
@@ -40,7 +42,32 @@ class RoomConfig:
     idc: str = field(
         default="default", metadata={"help": "data centre tag published in the node table"}
     )
+    isp: str = field(
+        default="", metadata={"help": "network (carrier) tag published in the node table"}
+    )
+    max_conns: int = field(
+        default=0,
+        metadata={"help": "connections the dispatcher may send here (0 = no limit)"},
+    )
+    max_conn_rate: float = field(
+        default=0.0,
+        metadata={"help": "new connections per second the dispatcher may send here (0 = no limit)"},
+    )
     register: str = field(default="127.0.0.1:8070", metadata={"help": "register RPC host:port"})
+    saver: str = field(
+        default="127.0.0.1:8072",
+        metadata={
+            "help": "saver RPC host:port: qos 1 messages pending at login, ACKs; empty: none "
+            "(nothing is loaded at login and ACKs are only counted)"
+        },
+    )
+    qos_resync_s: float = field(
+        default=5.0,
+        metadata={
+            "help": "seconds between second looks at the pending qos 1 messages of connections "
+            "that dropped frames or could not load them at login"
+        },
+    )
     config: str | None = field(
         default=None, metadata={"help": "products TOML (default: $IM_CONFIG, else the dev product)"}
     )
@@ -88,6 +115,13 @@ class RoomConfig:
         default=10.0, metadata={"help": "node lease in the register (renewed every third)"}
     )
     register_batch: int = field(default=1000, metadata={"help": "sessions per register call"})
+    coordinator: str = field(
+        default="127.0.0.1:8074",
+        metadata={"help": "coordinator RPC host:port for up frames and events; empty = off"},
+    )
+    up_rate: float = field(
+        default=20.0, metadata={"help": "up frames per second per connection (bursts of 2x)"}
+    )
 
     def __post_init__(self) -> None:
         if self.ws_port is None:
@@ -100,6 +134,12 @@ class RoomConfig:
             raise ValueError("flush_interval_ms must be >= 0")
         if self.queue_cap < 1:
             raise ValueError("queue_cap must be >= 1")
+        if self.max_conns < 0 or not 0 <= self.max_conn_rate < math.inf:
+            raise ValueError("max_conns and max_conn_rate must be >= 0 (0 = no limit)")
+        if not self.up_rate > 0:
+            raise ValueError("up_rate must be > 0")
+        if self.coordinator:
+            parse_address(self.coordinator)
 
     @property
     def idle_timeout_s(self) -> float:

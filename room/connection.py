@@ -48,6 +48,8 @@ class Connection(asyncio.Protocol):
         "dirty",
         "parser",
         "rooms",
+        "held",
+        "qos1",
     )
 
     def __init__(self, gateway: Gateway) -> None:
@@ -67,6 +69,8 @@ class Connection(asyncio.Protocol):
         self.dirty = False
         self.parser: Any = None
         self.rooms: set | None = None  # RoomGroups joined; None until the first join
+        self.held: list | None = None  # live pushes waiting for the pending ones (QoS 1)
+        self.qos1 = False  # a qos 1 push was queued here: a drop may have been one
 
     # -- asyncio callbacks -------------------------------------------------------------
 

@@ -16,6 +16,7 @@ import orjson
 
 from im.auth import AuthFailure, verify_token
 from im.config import Product
+from im.messages_store import MessageStore
 from im.metrics import CONTENT_TYPE_LATEST, exposition
 from im.protocol import websocket as ws
 from im.protocol.codec import Encoding, encode
@@ -24,9 +25,10 @@ from im.protocol.framing import frame
 from im.protocol.messages import PRIORITY_INDEX, validate_client, validate_server
 from im.protocol.ws_handshake import http_response
 from im.rpc import RpcError
-from im.sessions import Node, Session, SessionStore
+from im.sessions import Node, NodeRenewal, Session, SessionStore
 from im.switches import Switches
 from im.switches_feed import SwitchesFeed
+from room.at_least_once import AtLeastOnce
 from room.chatrooms import ChatRooms
 from room.config import RoomConfig
 from room.connection import (
@@ -61,6 +63,7 @@ class Gateway:
         products: Mapping[str, Product],
         store: SessionStore,
         instance: str | None = None,
+        saver: MessageStore | None = None,
     ) -> None:
         self.config = config
         self.products = products
@@ -82,6 +85,9 @@ class Gateway:
         self._pong = {kind: enc({"op": "pong"}) for kind, enc in _ENCODERS.items()}
         self.switches_feed = SwitchesFeed(store, interval=config.switches_poll_s)
         self.rooms = ChatRooms(self)
+        self.qos = AtLeastOnce(self, saver)
+        self._node_renewal = NodeRenewal(0, self._loop.time())
+        self._resyncs: set[asyncio.Task] = set()  # the register refill running, one at a time
 
     # -- framing -----------------------------------------------------------------------
 
@@ -153,6 +159,7 @@ class Gateway:
             conn.deadline = self._loop.time() + conn.hb * self.config.missed_heartbeats
             if op == "ack":
                 self.stats.acks += len(message["ids"])
+                self.qos.ack(conn, message["ids"])
             elif op == "join":
                 try:
                     self.rooms.join(conn, message["room"])
@@ -252,6 +259,7 @@ class Gateway:
                         conn.kind, {"op": "auth_ok", "conn": conn.conn_id, "hb": conn.hb}
                     )
                 )
+                self.qos.online(conn)
 
     async def _store_call(self, call: Any, what: str) -> bool:
         try:
@@ -280,6 +288,8 @@ class Gateway:
             )
 
     async def renew_node(self) -> None:
+        """Renew the lease with the load the dispatcher balances on; its answer also tells
+        whether the register lost its data since the last renewal."""
         node = Node(
             self.instance,
             rpc=self.node.rpc,
@@ -287,8 +297,39 @@ class Gateway:
             tcp=self.node.tcp,
             idc=self.config.idc,
             conns=len(self.conns),
+            isp=self.config.isp,
+            max_conns=self.config.max_conns,
+            conn_rate=self._node_renewal.conn_rate(self.stats.accepted, self._loop.time()),
+            max_conn_rate=self.config.max_conn_rate,
+            draining=not self.accepting,
         )
-        await self._store_call(self.store.put_node(node, self.config.node_ttl_s), "node")
+        await self._store_call(self._put_node(node), "node")
+
+    async def _put_node(self, node: Node) -> None:
+        epoch = await self.store.put_node(node, self.config.node_ttl_s)
+        previous = self._node_renewal.epoch
+        if not self._node_renewal.lost_data(epoch):
+            return
+        # Waiting for the next session renewal would leave lookups incomplete for up to
+        # session_ttl_s / 3: refill the register now.
+        self.stats.register_resyncs += 1
+        log.warning(
+            "register lost its data (epoch %s -> %s); re-sending %d sessions",
+            previous,
+            epoch,
+            len(self.conns),
+        )
+        if all(task.done() for task in self._resyncs):
+            task = self._loop.create_task(self._resync())
+            self._resyncs.add(task)
+            task.add_done_callback(self._resyncs.discard)
+
+    async def _resync(self) -> None:
+        """Re-send everything; again if the register lost its data once more meanwhile."""
+        epoch = ""
+        while epoch != self._node_renewal.epoch:
+            epoch = self._node_renewal.epoch
+            await self.renew()
 
     @property
     def switches(self) -> Switches:
@@ -327,6 +368,7 @@ class Gateway:
     def deliver(self, conn_ids: list[str], message: dict[str, Any]) -> tuple[int, list[str]]:
         """Queue one push for connections of this instance; encoded once per wire kind."""
         priority = PRIORITY_INDEX[message["pri"]]
+        qos1 = message["qos"] == 1
         encoded: dict[str, bytes] = {}
         written = 0
         missing: list[str] = []
@@ -338,8 +380,16 @@ class Gateway:
             data = encoded.get(conn.kind)
             if data is None:
                 data = encoded[conn.kind] = self.encode_for(conn.kind, message)
+            if conn.held is not None:  # its pending messages are still loading
+                self.qos.hold(conn, priority, data, message["id"])
+                written += 1
+                continue
+            if qos1:
+                conn.qos1 = True
             if self.queue_frame(conn, priority, data):
                 written += 1
+                if qos1:
+                    self.qos.written(conn, message["id"])
         self.stats.pushes += written
         return written, missing
 
@@ -350,9 +400,11 @@ class Gateway:
             return True
         if outcome is Outcome.QUEUED_DROPPED_OLDER:
             self.stats.drops["queue_full_evicted"] += 1
+            self.qos.dropped(conn)
             return True
         if outcome is Outcome.DROPPED:
             self.stats.drops["queue_full"] += 1
+            self.qos.dropped(conn)
         else:
             self.stats.drops["slow_consumer"] += 1
             self.close(conn, ErrorCode.SLOW_CONSUMER, "high-priority queue overflowed")
@@ -404,6 +456,12 @@ class Gateway:
             }
             return http_response(200, orjson.dumps(body), "application/json")
         return _json_error(404, "not_found", f"no route for {path[:100]}")
+
+    async def stop_background(self) -> None:
+        """Flush what the saver is owed and stop the register refill, at shutdown."""
+        for task in self._resyncs:
+            task.cancel()
+        await self.qos.close()
 
     def shutdown(self) -> None:
         """Stop accepting and tell every client to reconnect elsewhere."""

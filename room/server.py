@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable, Mapping
 
 from im.config import Product
 from im.rpc import RpcServer
+from im.saver_client import SaverClient
 from im.sessions import Node, SessionStore
 from room import stats
 from room.config import RoomConfig
@@ -33,7 +34,8 @@ class RoomServer:
         self.config = config
         self.store = store
         self.owns_store = owns_store
-        self.gateway = Gateway(config, products, store)
+        self.saver = SaverClient(config.saver) if config.saver else None
+        self.gateway = Gateway(config, products, store, saver=self.saver)
         self.rpc = RpcServer(
             {
                 "push": self.gateway.rpc_push,
@@ -83,6 +85,7 @@ class RoomServer:
             asyncio.create_task(self._every(cfg.session_ttl_s / 3, gateway.renew)),
             asyncio.create_task(self._every(cfg.node_ttl_s / 3, gateway.renew_node)),
             asyncio.create_task(self._every(cfg.node_ttl_s / 3, gateway.refresh_idc)),
+            asyncio.create_task(self._every(cfg.qos_resync_s, gateway.qos.resync)),
         ]
         log.info(
             "room %s: websocket %s, tcp %s, rpc %s",
@@ -109,6 +112,9 @@ class RoomServer:
         for task in self._loops:
             task.cancel()
         self.gateway.shutdown()
+        await self.gateway.stop_background()
+        if self.saver is not None:
+            await self.saver.close()
         await self.gateway.switches_feed.close()
         with contextlib.suppress(Exception):
             await self.store.remove_node(self.gateway.instance)

@@ -28,6 +28,7 @@ class RoomStats:
         "drops",
         "closes",
         "register_errors",
+        "register_resyncs",
     )
 
     def __init__(self) -> None:
@@ -41,6 +42,7 @@ class RoomStats:
         self.drops: Counter[str] = Counter()  # by reason
         self.closes: Counter[int] = Counter()  # by close code
         self.register_errors = 0
+        self.register_resyncs = 0
 
 
 _COUNTERS = (
@@ -52,6 +54,7 @@ _COUNTERS = (
     ("pushes", "pushes", "Push frames queued for clients"),
     ("acks", "acks", "Message ids acknowledged by clients"),
     ("register_errors", "register_errors", "Failed register calls"),
+    ("register_resyncs", "register_resyncs", "Register data losses noticed (all sessions re-sent)"),
 )
 
 _gateways: weakref.WeakSet[Gateway] = weakref.WeakSet()
@@ -100,6 +103,12 @@ def _families() -> Iterable[Metric]:
         "im_room_room_writes", "Shared writes of a room tick to members", labels=["instance"]
     )
     rooms = GaugeMetricFamily("im_room_rooms", "Chat rooms with members here", labels=["instance"])
+    qos = CounterMetricFamily(
+        "im_room_qos",
+        "QoS 1 work with the saver, by event: pending_loaded (messages paged at login), held "
+        "(live pushes waiting for them), acks_sent, acks_dropped, saver_errors, resyncs",
+        labels=["instance", "event"],
+    )
     for gateway in gateways:
         name, stats = gateway.instance, gateway.stats
         chat = gateway.rooms
@@ -108,6 +117,8 @@ def _families() -> Iterable[Metric]:
         room_delivered.add_metric([name], chat.delivered)
         room_writes.add_metric([name], chat.writes)
         rooms.add_metric([name], len(chat.groups))
+        for event, count in gateway.qos.counts.items():
+            qos.add_metric([name, event], count)
         for state, count in gateway.connection_counts().items():
             conns.add_metric([name, state], count)
         queued.add_metric([name], gateway.queued())
@@ -126,3 +137,4 @@ def _families() -> Iterable[Metric]:
     yield room_delivered
     yield room_writes
     yield rooms
+    yield qos

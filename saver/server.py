@@ -10,6 +10,7 @@ Methods and their params (msgpack arrays), each answering what the engine return
     saver.delivery         [product, id]                    -> [recipients, {uid: state}] | nil
     saver.dead_letters     [product, limit]                 -> [[uid, msg, at_ms], ...]
     saver.idempotency      [product, key, answer, ttl_s]    -> first answer | nil
+    saver.recall           [product, key]                   -> answer held | nil
     saver.ping             nil                              -> nil, once the engine answers
 
 Bad params, and the engine's ValueError, answer `bad_request`.
@@ -40,6 +41,7 @@ class SaverServer(EngineService):
             "saver.delivery": self._delivery,
             "saver.dead_letters": self._dead_letters,
             "saver.idempotency": self._idempotency,
+            "saver.recall": self._recall,
             "saver.ping": self._ping,
         }
         super().__init__(
@@ -88,6 +90,10 @@ class SaverServer(EngineService):
     async def _idempotency(self, params: Any) -> dict | None:
         product, key, answer, ttl_s = params
         return await self.store.remember_idempotency(product, key, answer, ttl_s)
+
+    async def _recall(self, params: Any) -> dict | None:
+        product, key = params
+        return await self.store.recall_idempotency(product, key)
 
     async def _ping(self, params: Any) -> None:
         await self.store.ping()

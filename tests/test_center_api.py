@@ -29,6 +29,9 @@ from im.rpc import RpcServer, RpcUnavailable
 from im.sessions import Node, Session
 from register.engines.memory import MemoryStore
 from register.engines.switches_memory import MemorySwitchStore
+from saver.config import SaverConfig
+from saver.engines.memory import MemoryStore as MessageMemory
+from saver.server import SaverServer
 from tests.fixtures.room_calls import room_push_entries
 from tests.fixtures.system import eventually
 
@@ -151,13 +154,25 @@ async def rooms(store: MemoryStore) -> AsyncIterator[dict[str, FakeRoom]]:
         await room.server.close()
 
 
+@pytest.fixture
+async def saver() -> AsyncIterator[SaverServer]:
+    """The message saver a center stores qos 1 pushes in."""
+    server = SaverServer(SaverConfig(host="127.0.0.1", port=0, metrics_port=0), MessageMemory())
+    await server.start()
+    yield server
+    await server.close()
+
+
 async def _center(
     store: Any,
     switch_store: MemorySwitchStore | None = None,
     products: Any = PRODUCTS,
     bus: MemoryBus | None = None,
+    saver: SaverServer | None = None,
 ) -> CenterServer:
-    config = CenterConfig(port=0, rpc_timeout=1.0, max_body=MAX_BODY)
+    """Center over `store`; without a saver, qos 1 pushes answer 503."""
+    saver_address = saver.rpc.address if saver is not None else ""
+    config = CenterConfig(port=0, rpc_timeout=1.0, max_body=MAX_BODY, saver=saver_address)
     server = CenterServer(config, store, products, switch_store=switch_store, bus=bus)
     await server.start()
     return server
@@ -165,10 +180,13 @@ async def _center(
 
 @pytest.fixture
 async def center(
-    store: MemoryStore, switch_store: MemorySwitchStore, rooms: dict[str, FakeRoom]
+    store: MemoryStore,
+    switch_store: MemorySwitchStore,
+    rooms: dict[str, FakeRoom],
+    saver: SaverServer,
 ) -> AsyncIterator[CenterServer]:
     """Center with one in-process worker; closed before the rooms, which it may still call."""
-    server = await _center(store, switch_store)
+    server = await _center(store, switch_store, saver=saver)
     yield server
     await server.close()
 
@@ -739,6 +757,7 @@ def _template(path: str) -> str:
         ("/v1/users/", "/v1/users/{uid}/sessions"),
         ("/v1/push/rooms/", "/v1/push/rooms/{room}"),
         ("/v1/rooms/", "/v1/rooms/{room}"),
+        ("/v1/messages/", "/v1/messages/{id}"),
     ]:
         if path.startswith(prefix):
             return template
@@ -757,6 +776,7 @@ async def test_openapi_document_matches_the_answers(http, rooms, store) -> None:
         "/v1/push/broadcast",
         "/v1/rooms/{room}",
         "/v1/users/{uid}/sessions",
+        "/v1/messages/{id}",
         "/healthz",
         "/metrics",
         "/openapi.json",
@@ -783,6 +803,11 @@ async def test_openapi_document_matches_the_answers(http, rooms, store) -> None:
         ("/v1/push/users", "get", {}, AUTH),
         ("/v1/users/u1/sessions", "get", {}, AUTH),
         ("/v1/users/u1/sessions", "get", {}, None),
+        ("/v1/push/users", "post", {"json": {"uids": ["u1"], "qos": 1, "body": 1}}, AUTH),
+        ("/v1/push/users", "post", {"json": {"uids": ["u1"], "pull": "k"}}, AUTH),
+        ("/v1/push/users", "post", {"json": {"uids": ["u1"], "body": 1, "ttl": 9}}, AUTH),
+        ("/v1/messages/" + "0" * 20, "get", {}, AUTH),
+        ("/v1/messages/x", "get", {}, AUTH),
         ("/healthz", "get", {}, None),
     ]
     seen = set()
@@ -795,7 +820,7 @@ async def test_openapi_document_matches_the_answers(http, rooms, store) -> None:
         schema = response["content"]["application/json"]["schema"]
         assert _loosely_valid(document, schema, body), (method, path, status, body)
         seen.add(status)
-    assert seen == {200, 400, 401, 405, 413}
+    assert seen == {200, 400, 401, 404, 405, 413}
     for template, item in paths.items():
         for method, operation in item.items():
             assert "200" in operation["responses"], (template, method)

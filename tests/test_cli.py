@@ -219,7 +219,8 @@ async def serves_a_push_and_stops_cleanly(up: Up) -> None:
     await eventually(lambda: healthy(f"{up.center_url}/healthz"), timeout=15)
     await eventually(lambda: healthy(f"http://{HOST}:{up.base_port}/healthz"), timeout=15)
     children = children_of(up.process.pid)
-    assert len(children) == 3, up.banner  # register, room-0, center
+    assert len(children) == 4, up.banner  # register, saver, room-0, center
+    assert f"saver     {HOST}:{up.register_port + 2} rpc" in up.banner
 
     client = await RawTcp.open(HOST, up.base_port + 1)
     try:
@@ -228,13 +229,13 @@ async def serves_a_push_and_stops_cleanly(up: Up) -> None:
             aiohttp.ClientSession(timeout=HTTP_TIMEOUT) as http,
             http.post(
                 f"{up.center_url}/v1/push/users",
-                json={"uids": ["alice"], "body": {"text": "from im up"}},
+                json={"uids": ["alice"], "qos": 1, "body": {"text": "from im up"}},
                 headers={"Authorization": "Bearer dev"},
             ) as response,
         ):
             assert response.status == 200, await response.text()
             answer = await response.json()
-        assert answer["online"] == 1
+        assert (answer["online"], answer["stored"]) == (1, 1)
         message = await client.recv()
         assert (message["id"], message["body"]) == (answer["id"], {"text": "from im up"})
     finally:

@@ -362,6 +362,18 @@ async def test_idempotency_key_keeps_the_first_answer(store: MessageStore) -> No
     assert await store.remember_idempotency("chat", "req-2", {"n": 3}) == {"n": 2}
 
 
+async def test_recall_reads_a_held_answer_without_setting_one(store: MessageStore) -> None:
+    assert await store.recall_idempotency("chat", "req-3") is None
+    assert await store.recall_idempotency("chat", "req-3") is None  # reading kept nothing
+    assert await store.remember_idempotency("chat", "req-3", {"n": 1}, 0.2) is None
+    assert await store.recall_idempotency("chat", "req-3") == {"n": 1}
+    assert await store.recall_idempotency("live", "req-3") is None
+    await asyncio.sleep(0.3)
+    assert await store.recall_idempotency("chat", "req-3") is None
+    with pytest.raises(ValueError, match="key"):
+        await store.recall_idempotency("chat", "")
+
+
 async def test_delivery_states_per_recipient(store: MessageStore) -> None:
     msg = push()
     await store.store("chat", ["u1", "u2", "u3", "u4"], msg, TTL)

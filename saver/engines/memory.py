@@ -363,6 +363,13 @@ class MemoryStore:
         engines.IDEMPOTENCY.labels("first").inc()
         return None
 
+    async def recall_idempotency(self, product: str, key: str) -> dict | None:
+        slot = (check_product(product), check_name(key, "idempotency key", 256))
+        held = self._idempotency.get(slot)
+        if held is None or held[1] <= time.monotonic():
+            return None
+        return unpack(held[0])
+
     async def ping(self) -> None:
         """Always ready: nothing outside the process to reach."""
 

@@ -700,13 +700,23 @@ class RedisStore:
         key = check_name(key, "idempotency key", 256)
         packed = check_answer(answer)
         ttl_ms = check_ttl(ttl_s)
-        name = f"{self._prefix}:k:{{{_escape(product)}:{_escape(key)}}}"
-        held = await self._redis.set(name, packed, px=ttl_ms, nx=True, get=True)
+        held = await self._redis.set(
+            self._idempotency_key(product, key), packed, px=ttl_ms, nx=True, get=True
+        )
         if held is None:
             engines.IDEMPOTENCY.labels("first").inc()
             return None
         engines.IDEMPOTENCY.labels("repeat").inc()
         return unpack(held)
+
+    async def recall_idempotency(self, product: str, key: str) -> dict | None:
+        product = check_product(product)
+        key = check_name(key, "idempotency key", 256)
+        held = await self._redis.get(self._idempotency_key(product, key))
+        return None if held is None else unpack(held)
+
+    def _idempotency_key(self, product: str, key: str) -> str:
+        return f"{self._prefix}:k:{{{_escape(product)}:{_escape(key)}}}"
 
     async def ping(self) -> None:
         await self._redis.ping()
