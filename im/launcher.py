@@ -96,6 +96,20 @@ def plan(args: argparse.Namespace) -> list[Child]:
             [*center, "--register", register_address, "--saver", saver_address, *bus, *common],
         )
     )
+    children.append(
+        Child(
+            "dispatcher",
+            [
+                "dispatcher",
+                "--host",
+                host,
+                "--port",
+                str(args.dispatcher_port),
+                "--register",
+                register_address,
+            ],
+        )
+    )
     if args.kafka:
         for i in range(args.workers):
             children.append(
@@ -128,6 +142,7 @@ def banner(args: argparse.Namespace) -> str:
         f"({'redis ' + args.redis if args.redis else 'memory engine'})",
         f"saver     {args.host}:{args.register_port + 2} rpc, "
         f"http://{args.host}:{args.register_port + 3}/metrics",
+        f"dispatcher http://{args.host}:{args.dispatcher_port}/v1/route?product=&uid=",
     ]
     if args.kafka:
         for i in range(args.workers):
@@ -148,6 +163,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--center-port", type=int, default=8080)
     parser.add_argument("--register-port", type=int, default=8070)
+    parser.add_argument("--dispatcher-port", type=int, default=8081)
     parser.add_argument(
         "--base-port",
         type=int,

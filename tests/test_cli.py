@@ -140,6 +140,7 @@ class Up:
     base_port: int
     center_port: int
     register_port: int
+    dispatcher_port: int
     banner: str
     log: Path
 
@@ -151,7 +152,8 @@ class Up:
 @contextlib.asynccontextmanager
 async def running_up(log: Path) -> AsyncIterator[Up]:
     """`im up` on free ports until the block ends; stopped with SIGTERM if still running."""
-    base, center, register = free_block((0, 1, 100)), free_block((0,)), free_block((0, 1))
+    base, center, register = free_block((0, 1, 100)), free_block((0,)), free_block((0, 1, 2, 3))
+    dispatcher = free_block((0,))
     with log.open("wb") as stderr:
         process = await asyncio.create_subprocess_exec(
             sys.executable,
@@ -164,6 +166,8 @@ async def running_up(log: Path) -> AsyncIterator[Up]:
             str(center),
             "--register-port",
             str(register),
+            "--dispatcher-port",
+            str(dispatcher),
             cwd=ROOT,
             stdout=asyncio.subprocess.PIPE,
             stderr=stderr,
@@ -177,7 +181,7 @@ async def running_up(log: Path) -> AsyncIterator[Up]:
                 line = await process.stdout.readline()
                 assert line, f"im up exited early:\n{log.read_text()}"
                 lines.append(line.decode().rstrip())
-        yield Up(process, base, center, register, "\n".join(lines), log)
+        yield Up(process, base, center, register, dispatcher, "\n".join(lines), log)
     finally:
         await stop(process)
 
@@ -218,8 +222,9 @@ async def serves_a_push_and_stops_cleanly(up: Up) -> None:
     assert f"room-0    {ws}  {tcp}" in up.banner
     await eventually(lambda: healthy(f"{up.center_url}/healthz"), timeout=15)
     await eventually(lambda: healthy(f"http://{HOST}:{up.base_port}/healthz"), timeout=15)
+    await eventually(lambda: healthy(f"http://{HOST}:{up.dispatcher_port}/healthz"), timeout=15)
     children = children_of(up.process.pid)
-    assert len(children) == 4, up.banner  # register, saver, room-0, center
+    assert len(children) == 5, up.banner  # register, saver, room-0, center, dispatcher
     assert f"saver     {HOST}:{up.register_port + 2} rpc" in up.banner
 
     client = await RawTcp.open(HOST, up.base_port + 1)
@@ -236,6 +241,14 @@ async def serves_a_push_and_stops_cleanly(up: Up) -> None:
             assert response.status == 200, await response.text()
             answer = await response.json()
         assert (answer["online"], answer["stored"]) == (1, 1)
+        async with (
+            aiohttp.ClientSession(timeout=HTTP_TIMEOUT) as http,
+            http.get(
+                f"http://{HOST}:{up.dispatcher_port}/v1/route",
+                params={"product": "demo", "uid": "alice", "transport": "tcp"},
+            ) as response,
+        ):
+            assert (await response.json())["addresses"] == [tcp]
         message = await client.recv()
         assert (message["id"], message["body"]) == (answer["id"], {"text": "from im up"})
     finally:
