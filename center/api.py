@@ -35,7 +35,8 @@ from center.jobs import (
     room_job,
     users_job,
 )
-from center.push import Directory, RegisterUnavailable, WarnThrottle
+from center.kick import kick_user, parse_kick
+from center.push import Directory, RegisterUnavailable, RoomCaller, WarnThrottle
 from center.storage import Storage, check_idempotency_key, fingerprint
 from center.validation import (
     build_push,
@@ -174,8 +175,10 @@ class Api:
         publisher: Publisher,
         products: Mapping[str, Product],
         storage: Storage | None,
+        caller: RoomCaller,
     ) -> None:
         self._directory = directory
+        self._caller = caller
         self._publisher = publisher
         self._storage = storage
         self._products = dict(products)
@@ -348,6 +351,14 @@ class Api:
         listed = [{"conn": s.conn, "instance": s.instance, "device": s.device} for s in sessions]
         return json_response({"uid": uid, "sessions": listed})
 
+    async def kick(self, request: web.Request) -> web.Response:
+        product = self._product(request)
+        uid = check_uid(request.match_info["uid"])
+        reason, device = parse_kick(await request.read())
+        return json_response(
+            await kick_user(self._directory, self._caller, product, uid, reason, device)
+        )
+
     async def healthz(self, request: web.Request) -> web.Response:
         return json_response({"status": "ok"})
 
@@ -375,10 +386,11 @@ def build_app(
     publisher: Publisher,
     products: Mapping[str, Product],
     storage: Storage | None,
+    caller: RoomCaller,
     *,
     max_body: int = MAX_BODY,
 ) -> web.Application:
-    api = Api(directory, publisher, products, storage)
+    api = Api(directory, publisher, products, storage, caller)
     app = web.Application(middlewares=[error_middleware(max_body)], client_max_size=max_body)
     app.router.add_post("/v1/push/users", api.push_users)
     app.router.add_post("/v1/push/rooms/{room}", api.push_room)
@@ -386,6 +398,7 @@ def build_app(
     app.router.add_get("/v1/rooms/{room}", api.room_info)
     app.router.add_get("/v1/users/{uid}/sessions", api.user_sessions)
     app.router.add_get("/v1/messages/{id}", api.message)
+    app.router.add_post("/v1/users/{uid}/kick", api.kick)
     app.router.add_get("/healthz", api.healthz)
     app.router.add_get("/metrics", api.metrics)
     app.router.add_get("/openapi.json", api.openapi)

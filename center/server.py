@@ -18,7 +18,7 @@ from center.admin import add_admin_routes
 from center.api import Publisher, build_app
 from center.config import GROUP, CenterConfig
 from center.jobs import PUSH_PARTITIONS, PUSH_TOPIC
-from center.push import Directory
+from center.push import Directory, RoomCaller
 from center.storage import Storage
 from center.worker import FanoutWorker
 from im.bus import Bus, open_bus
@@ -91,8 +91,10 @@ class CenterServer:
         if config.saver:
             self._saver = SaverClient(config.saver, timeout=config.rpc_timeout)
         storage = Storage(self._saver) if self._saver is not None else None
+        directory = Directory(store)
+        self._caller = RoomCaller(directory, rpc_timeout=config.rpc_timeout, retries=1)
         self._app = build_app(
-            Directory(store), publisher, products, storage, max_body=config.max_body
+            directory, publisher, products, storage, self._caller, max_body=config.max_body
         )
         if admin_key is not None and switch_store is not None:
             add_admin_routes(self._app, switch_store, admin_key, _business_keys(products))
@@ -158,6 +160,7 @@ class CenterServer:
         await self.switches.close()
         if self._owns_bus:
             await self.bus.close()
+        await self._caller.close()
         if self._saver is not None:
             await self._saver.close()
         if self._owns_store:

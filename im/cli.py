@@ -9,6 +9,7 @@ import argparse
 import importlib
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 SERVICES = {
     "room": "room.__main__",
@@ -16,6 +17,7 @@ SERVICES = {
     "center": "center.__main__",
     "register": "register.__main__",
     "saver": "saver.__main__",
+    "dispatcher": "dispatcher.__main__",
 }
 
 
@@ -45,6 +47,35 @@ def _token(argv: Sequence[str]) -> int:
     return 0
 
 
+def _dev_cert(argv: Sequence[str]) -> int:
+    from im.tls import make_dev_cert
+
+    parser = argparse.ArgumentParser(
+        prog="im dev-cert",
+        description="Write a self-signed TLS certificate and key for development.",
+    )
+    parser.add_argument("--out", default=".", help="directory for cert.pem and key.pem")
+    parser.add_argument(
+        "--host",
+        dest="hosts",
+        action="extend",
+        nargs="+",
+        help="IP address or DNS name to cover, repeatable (default 127.0.0.1 and localhost)",
+    )
+    parser.add_argument("--days", type=int, default=30, help="validity (default 30)")
+    args = parser.parse_args(argv)
+    hosts = args.hosts or ["127.0.0.1", "localhost"]
+    out = Path(args.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        make_dev_cert(out / "cert.pem", out / "key.pem", hosts, args.days)
+    except (OSError, ValueError) as exc:
+        print(f"im dev-cert: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {out / 'cert.pem'} and {out / 'key.pem'} for {', '.join(hosts)}")
+    return 0
+
+
 def _up(argv: Sequence[str]) -> int:
     from im.launcher import main as up
 
@@ -53,18 +84,22 @@ def _up(argv: Sequence[str]) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = ["up", "token", "switch", *SERVICES]
+    commands = ["up", "token", "switch", "drain", "dev-cert", *SERVICES]
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
         print(
-            "usage: im {up,token,switch,room,center,worker,register,saver} [options]\n\n"
+            "usage: im {up,token,switch,drain,dev-cert,room,center,worker,register,saver,"
+            "dispatcher} [options]\n\n"
             "  up        start register, center and room instances (embedded engines by default)\n"
             "  token     print a client token for a product and uid\n"
             "  switch    get or set the live switches (big rooms, budgets, IDC limits)\n"
+            "  drain     move a room instance's clients elsewhere, then stop it\n"
+            "  dev-cert  write a self-signed TLS certificate and key for development\n"
             "  room      run one room gateway instance\n"
             "  center    run the business HTTP API (and its fan-out workers)\n"
             "  worker    run a fan-out worker on Kafka (im worker --brokers HOST:PORT)\n"
             "  register  run the session register\n"
-            "  saver     run the message store for at-least-once delivery\n\n"
+            "  saver     run the message store for at-least-once delivery\n"
+            "  dispatcher run the route service that hands clients their gateway addresses\n\n"
             "Each command takes --help.",
             file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout,
         )
@@ -74,6 +109,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _up(rest)
     if command == "token":
         return _token(rest)
+    if command == "dev-cert":
+        return _dev_cert(rest)
+    if command == "drain":
+        from im.drain_cli import main as drain
+
+        return drain(rest)
     if command == "switch":
         from im.switch_cli import main as switch
 

@@ -211,9 +211,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 child.restarts += 1
                 child.start()
 
-    for child in reversed(children):
+    for child in reversed(children):  # SIGINT: stop now (SIGTERM would drain the rooms)
         if child.process and child.process.poll() is None:
-            child.process.send_signal(signal.SIGTERM)
+            child.process.send_signal(signal.SIGINT)
     deadline = time.monotonic() + STOP_GRACE_S
     for child in reversed(children):
         if child.process is None:

@@ -24,14 +24,34 @@ def setup_logging() -> None:
 
 
 async def serve_until_stopped(start: Callable[[], Awaitable[Service]]) -> None:
-    stop = asyncio.Event()
+    """SIGINT stops at once. SIGTERM drains a service that can (then stops), and stops the
+    others at once; a second signal during a drain cuts it short."""
+    stop, term = asyncio.Event(), asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    loop.add_signal_handler(signal.SIGTERM, term.set)
     service = await start()
-    await stop.wait()
-    logging.getLogger("im").info("stopping")
+    finished = getattr(service, "finished", None)
+    waits = [stop.wait(), term.wait()]
+    if isinstance(finished, asyncio.Event):
+        waits.append(finished.wait())
+    await _first(waits)
+    log = logging.getLogger("im")
+    if term.is_set() and not stop.is_set() and hasattr(service, "drain"):
+        log.info("draining")
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+        await _first([service.drain(), stop.wait()])
+    log.info("stopping")
     await service.close()
+
+
+async def _first(waits: list[Awaitable[object]]) -> None:
+    tasks = [asyncio.ensure_future(w) for w in waits]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
 
 
 def run(start: Callable[[], Awaitable[Service]]) -> None:

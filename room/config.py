@@ -115,6 +115,12 @@ class RoomConfig:
         default=10.0, metadata={"help": "node lease in the register (renewed every third)"}
     )
     register_batch: int = field(default=1000, metadata={"help": "sessions per register call"})
+    drain_s: float = field(
+        default=30.0,
+        metadata={
+            "help": "drain window (SIGTERM, `im drain`): reconnect hints spread over it, then exit"
+        },
+    )
     coordinator: str = field(
         default="127.0.0.1:8074",
         metadata={"help": "coordinator RPC host:port for up frames and events; empty = off"},

@@ -43,7 +43,9 @@ from room.connection import (
     Connection,
 )
 from room.deadlines import DeadlineWheel
+from room.drain import Drain
 from room.queues import Outcome
+from room.replace import Replacer
 from room.stats import RoomStats
 
 log = logging.getLogger("im.room")
@@ -53,6 +55,10 @@ _ENCODERS = {
     WS_MSGPACK: lambda m: ws.binary_frame(encode(m, Encoding.MSGPACK)),
     WS_JSON: lambda m: ws.text_frame(encode(m, Encoding.JSON)),
 }
+#: Bounds of the kick and drain RPCs.
+MAX_KICK = 10_000
+MAX_REASON = 200
+MAX_DRAIN_S = 3600.0
 _STATE_NAMES = {OPENING: "handshake", AUTH_WAIT: "auth_wait", AUTHING: "authing", ONLINE: "online"}
 
 
@@ -86,6 +92,8 @@ class Gateway:
         self.switches_feed = SwitchesFeed(store, interval=config.switches_poll_s)
         self.rooms = ChatRooms(self)
         self.qos = AtLeastOnce(self, saver)
+        self.replacer = Replacer(self)
+        self.drain = Drain(self)
         self._node_renewal = NodeRenewal(0, self._loop.time())
         self._resyncs: set[asyncio.Task] = set()  # the register refill running, one at a time
 
@@ -260,6 +268,8 @@ class Gateway:
                     )
                 )
                 self.qos.online(conn)
+            if any(c.device and c.state == ONLINE for c in live):
+                await self.replacer.logged_in([c for c in live if c.state == ONLINE])
 
     async def _store_call(self, call: Any, what: str) -> bool:
         try:
@@ -430,6 +440,50 @@ class Gateway:
             missing.extend(lost)
         return {"written": written, "missing": missing}
 
+    def kick(self, conn_ids: list[str], reason: str, code: ErrorCode = ErrorCode.KICKED) -> int:
+        """Close these connections of this instance with `code` and `reason`; how many."""
+        closed = 0
+        for conn_id in conn_ids:
+            conn = self.conns.get(conn_id)
+            if conn is not None:
+                self.close(conn, code, reason)
+                closed += 1
+        return closed
+
+    async def rpc_kick(self, params: Any) -> dict[str, int]:
+        """RPC `kick`: {"conns": [...], "reason": str, "code": 4016|4011} -> closed."""
+        if not isinstance(params, dict) or not isinstance(params.get("conns"), list):
+            raise RpcError("bad_request", "kick needs {'conns': [...], 'reason': ...}")
+        conns, reason = params["conns"], params.get("reason", "kicked")
+        code = params.get("code", int(ErrorCode.KICKED))
+        if not all(isinstance(c, str) for c in conns) or len(conns) > MAX_KICK:
+            raise RpcError("bad_request", f"conns must be at most {MAX_KICK} strings")
+        if not isinstance(reason, str) or len(reason) > MAX_REASON:
+            raise RpcError("bad_request", f"reason must be a string of at most {MAX_REASON}")
+        if code not in (ErrorCode.KICKED, ErrorCode.REPLACED):
+            raise RpcError("bad_request", "code must be 4016 (kicked) or 4011 (replaced)")
+        return {"closed": self.kick(conns, reason, ErrorCode(code))}
+
+    async def rpc_drain(self, params: Any) -> dict[str, Any]:
+        """RPC `drain`: {"window_s": n} -> starts the drain (once), answers at once."""
+        window = params.get("window_s") if isinstance(params, dict) else None
+        if window is None:
+            window = self.config.drain_s
+        if (
+            isinstance(window, bool)
+            or not isinstance(window, int | float)
+            or not (0 <= window <= MAX_DRAIN_S)
+        ):
+            raise RpcError("bad_request", f"window_s must be a number from 0 to {MAX_DRAIN_S}")
+        already = self.drain.started
+        self.drain.start(float(window))
+        return {
+            "instance": self.instance,
+            "connections": len(self.conns),
+            "window_s": self.drain.window_s,
+            "already_draining": already,
+        }
+
     # -- HTTP on the WebSocket port ----------------------------------------------------
 
     def connection_counts(self) -> dict[str, int]:
@@ -461,7 +515,10 @@ class Gateway:
         """Flush what the saver is owed and stop the register refill, at shutdown."""
         for task in self._resyncs:
             task.cancel()
+        if self.drain.task is not None:
+            self.drain.task.cancel()
         await self.qos.close()
+        await self.replacer.close()
 
     def shutdown(self) -> None:
         """Stop accepting and tell every client to reconnect elsewhere."""

@@ -7,6 +7,7 @@ import contextlib
 import logging
 import socket
 from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
 
 from im.config import Product
 from im.rpc import RpcServer
@@ -41,10 +42,14 @@ class RoomServer:
                 "push": self.gateway.rpc_push,
                 "room_push": self.gateway.rooms.rpc_room_push,
                 "broadcast": self.gateway.rooms.rpc_broadcast,
+                "kick": self.gateway.rpc_kick,
+                "drain": self._rpc_drain,
             },
             name="room",
         )
         self._servers: list[asyncio.Server] = []
+        #: Set when the instance is done on its own (a drain finished): the process exits.
+        self.finished = asyncio.Event()
         self._loops: list[asyncio.Task] = []
         self.ws_address = ""
         self.tcp_address = ""
@@ -94,6 +99,22 @@ class RoomServer:
             self.tcp_address,
             gateway.node.rpc,
         )
+
+    async def drain(self, window_s: float | None = None) -> None:
+        """Stop listening, move every client elsewhere over the window, then return."""
+        await self._start_drain(window_s)
+
+    def _start_drain(self, window_s: float | None) -> asyncio.Task[None]:
+        for server in self._servers:
+            server.close()  # new connection attempts fail fast and go to the next address
+        task = self.gateway.drain.start(self.config.drain_s if window_s is None else window_s)
+        task.add_done_callback(lambda _: self.finished.set())
+        return task
+
+    async def _rpc_drain(self, params: Any) -> dict[str, Any]:
+        answer = await self.gateway.rpc_drain(params)
+        self._start_drain(answer["window_s"])
+        return answer
 
     @staticmethod
     async def _every(interval: float, fn: Callable[[], Awaitable[None] | None]) -> None:

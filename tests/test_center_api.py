@@ -753,6 +753,8 @@ def _loosely_valid(document: dict[str, Any], schema: dict[str, Any], value: Any)
 
 
 def _template(path: str) -> str:
+    if path.endswith("/kick"):
+        return "/v1/users/{uid}/kick"
     for prefix, template in [
         ("/v1/users/", "/v1/users/{uid}/sessions"),
         ("/v1/push/rooms/", "/v1/push/rooms/{room}"),
@@ -777,6 +779,7 @@ async def test_openapi_document_matches_the_answers(http, rooms, store) -> None:
         "/v1/rooms/{room}",
         "/v1/users/{uid}/sessions",
         "/v1/messages/{id}",
+        "/v1/users/{uid}/kick",
         "/healthz",
         "/metrics",
         "/openapi.json",
@@ -808,6 +811,8 @@ async def test_openapi_document_matches_the_answers(http, rooms, store) -> None:
         ("/v1/push/users", "post", {"json": {"uids": ["u1"], "body": 1, "ttl": 9}}, AUTH),
         ("/v1/messages/" + "0" * 20, "get", {}, AUTH),
         ("/v1/messages/x", "get", {}, AUTH),
+        ("/v1/users/u1/kick", "post", {"json": {"reason": "bye"}}, AUTH),
+        ("/v1/users/u1/kick", "post", {"json": {"reason": ""}}, AUTH),
         ("/healthz", "get", {}, None),
     ]
     seen = set()

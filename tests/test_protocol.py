@@ -198,3 +198,52 @@ def test_error_map_and_fatality():
     assert not ProtocolError(ErrorCode.UNKNOWN_OP, "x").fatal
     assert ErrorCode.BAD_FIELD not in FATAL_CODES
     assert validate_server(err.to_map()) == "error"
+
+
+UP = {"op": "up", "seq": 0, "type": "chat", "body": {"text": "hi"}}
+
+
+@pytest.mark.parametrize(
+    ("message", "mentions"),
+    [
+        ({k: v for k, v in UP.items() if k != "seq"}, "missing field 'seq'"),
+        ({k: v for k, v in UP.items() if k != "type"}, "missing field 'type'"),
+        ({k: v for k, v in UP.items() if k != "body"}, "missing field 'body'"),
+        ({**UP, "seq": -1}, "'seq'"),
+        ({**UP, "seq": 2**53}, "'seq'"),
+        ({**UP, "seq": "1"}, "'seq'"),
+        ({**UP, "seq": True}, "'seq'"),
+        ({**UP, "seq": 1.5}, "'seq'"),
+        ({**UP, "type": ""}, "'type'"),
+        ({**UP, "type": "t" * 65}, "'type'"),
+        ({**UP, "type": 3}, "'type'"),
+    ],
+)
+def test_up_errors(message, mentions):
+    with pytest.raises(ProtocolError) as info:
+        validate_client(message)
+    assert info.value.code is ErrorCode.BAD_FIELD
+    assert info.value.reason.startswith("up: ")
+    assert mentions in info.value.reason
+
+
+@pytest.mark.parametrize("body", [None, 0, "", [], {"nested": [1, {"a": None}]}, "x" * 60_000])
+def test_up_accepts_any_body_and_the_whole_seq_range(body):
+    assert validate_client({**UP, "body": body}) == "up"
+    assert validate_client({**UP, "seq": 2**53 - 1, "type": "t" * 64}) == "up"
+
+
+def test_up_ack_and_error_with_seq():
+    assert validate_server({"op": "up_ack", "seq": 7}) == "up_ack"
+    refused = {"op": "error", "code": int(ErrorCode.UPSTREAM_BUSY), "reason": "full", "seq": 7}
+    assert validate_server(refused) == "error"
+    for bad in ({"op": "up_ack"}, {"op": "up_ack", "seq": "7"}, {**refused, "seq": -1}):
+        with pytest.raises(ProtocolError) as info:
+            validate_server(bad)
+        assert info.value.code is ErrorCode.BAD_FIELD
+
+
+def test_upstream_errors_keep_the_connection():
+    assert (int(ErrorCode.UPSTREAM_BUSY), int(ErrorCode.UPSTREAM_RATE)) == (4013, 4014)
+    assert ErrorCode.UPSTREAM_BUSY not in FATAL_CODES
+    assert ErrorCode.UPSTREAM_RATE not in FATAL_CODES

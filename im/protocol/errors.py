@@ -22,6 +22,10 @@ class ErrorCode(IntEnum):
     SERVER_SHUTDOWN = 4010  # the instance is stopping; reconnect elsewhere
     REPLACED = 4011  # the same uid and device logged in on another connection
     ALREADY_AUTHENTICATED = 4012  # a second auth on an authenticated connection
+    UPSTREAM_BUSY = 4013  # the upstream backlog is full, retry later
+    UPSTREAM_RATE = 4014  # the connection sent `up` frames faster than its rate allows
+    SECURE_CHANNEL = 4015  # encrypted channel: bad handshake, or a frame replayed or forged
+    KICKED = 4016  # the business closed this user's connections (POST /v1/users/{uid}/kick)
 
 
 #: Errors after which the server closes the connection. The rest are answered and the
@@ -37,6 +41,8 @@ FATAL_CODES = frozenset(
         ErrorCode.PROTOCOL_VIOLATION,
         ErrorCode.SERVER_SHUTDOWN,
         ErrorCode.REPLACED,
+        ErrorCode.SECURE_CHANNEL,
+        ErrorCode.KICKED,
     }
 )
 

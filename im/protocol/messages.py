@@ -85,6 +85,9 @@ def anything(value: Any) -> str | None:
     return None
 
 
+#: Longest key of a push-pull notify (`pull`): the client asks the business for the body.
+MAX_PULL_KEY = 256
+
 #: op -> {field: (check, required)}
 Schema = Mapping[str, Mapping[str, tuple[Check, bool]]]
 
@@ -96,6 +99,7 @@ PUSH: Mapping[str, tuple[Check, bool]] = {
     "ts": (integer(0, 2**53), True),
     "body": (anything, False),
     "room": (text(MAX_ROOM), False),  # set on pushes to a chat room
+    "pull": (text(MAX_PULL_KEY), False),  # push-pull notify: the client fetches the body
 }
 
 
@@ -132,6 +136,11 @@ CLIENT_OPS: Schema = {
     "ack": {"ids": (id_list(MAX_ACK_IDS, 64), True)},
     "join": {"room": (text(MAX_ROOM), True)},
     "leave": {"room": (text(MAX_ROOM), True)},
+    "up": {
+        "seq": (integer(0, 2**53 - 1), True),  # echoed in up_ack or the error, for the client
+        "type": (text(64), True),
+        "body": (anything, True),  # bounded by the frame limit
+    },
 }
 
 SERVER_OPS: Schema = {
@@ -141,7 +150,17 @@ SERVER_OPS: Schema = {
     "batch": {"msgs": (push_list(MAX_BATCH), True)},
     "joined": {"room": (text(MAX_ROOM), True), "members": (integer(0, 2**53), True)},
     "left": {"room": (text(MAX_ROOM), True)},
-    "error": {"code": (integer(1000, 4999), True), "reason": (text(1024, allow_empty=True), True)},
+    "up_ack": {"seq": (integer(0, 2**53 - 1), True)},
+    # The instance is going away: close, wait after_ms, connect elsewhere (the dispatcher).
+    "reconnect": {
+        "after_ms": (integer(0, 3_600_000), True),
+        "reason": (text(64), True),
+    },
+    "error": {
+        "code": (integer(1000, 4999), True),
+        "reason": (text(1024, allow_empty=True), True),
+        "seq": (integer(0, 2**53 - 1), False),  # the refused `up` frame's seq
+    },
 }
 
 

@@ -1,6 +1,7 @@
 """Python client SDK: `Client` keeps a session with the gateway and yields its pushes."""
 
 from im.sdk.client import AuthError, Client, ClientClosed, JoinRefused, Message, ServerError
+from im.sdk.dispatch import DispatchError, Route, route
 from im.sdk.transport import Address, TcpTransport, TransportClosed, WsTransport
 
 __all__ = [
@@ -8,10 +9,13 @@ __all__ = [
     "AuthError",
     "Client",
     "ClientClosed",
+    "DispatchError",
     "JoinRefused",
     "Message",
+    "Route",
     "ServerError",
     "TcpTransport",
     "TransportClosed",
     "WsTransport",
+    "route",
 ]

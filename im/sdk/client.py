@@ -26,6 +26,7 @@ from prometheus_client import Counter
 from im.protocol.codec import Encoding
 from im.protocol.errors import FATAL_CODES, ErrorCode, ProtocolError
 from im.protocol.messages import MAX_ACK_IDS, validate_client, validate_server
+from im.sdk.dispatch import DispatchError, route
 from im.sdk.transport import Address, Transport, TransportClosed, open_transport
 
 log = logging.getLogger("im.sdk")
@@ -46,7 +47,9 @@ CONNECTING, ONLINE, OFFLINE, CLOSED = "connecting", "online", "offline", "closed
 
 #: The server ended the session for good: reconnecting would be refused again, or would
 #: kick the newer connection of the same uid and device.
-TERMINAL_CODES = frozenset({ErrorCode.AUTH_FAILED, ErrorCode.REPLACED})
+TERMINAL_CODES = frozenset({ErrorCode.AUTH_FAILED, ErrorCode.REPLACED, ErrorCode.KICKED})
+#: Dispatcher failures in a row, while connecting the first time, before connect() gives up.
+FIRST_ROUTE_TRIES = 3
 
 CONNECTS = Counter("im_sdk_connects_total", "SDK connection attempts", ["result"])
 PUSHES = Counter("im_sdk_pushes_total", "Pushes the SDK queued for the application")
@@ -101,6 +104,14 @@ class JoinRefused(ValueError):
 
 def server_error(code: int, reason: str) -> ServerError:
     return (AuthError if code == ErrorCode.AUTH_FAILED else ServerError)(code, reason)
+
+
+class MoveHint(Exception):
+    """The server asked us to reconnect elsewhere (`reconnect`: the instance is draining)."""
+
+    def __init__(self, after_ms: int, reason: str) -> None:
+        super().__init__(f"server asked to reconnect in {after_ms} ms: {reason}")
+        self.after_s = after_ms / 1000
 
 
 class Backoff:
@@ -222,6 +233,9 @@ class Client:
         "_encoding",
         "_auth",
         "_token",
+        "_static",
+        "_dispatcher",
+        "_route_query",
         "_auto_ack",
         "_reconnect",
         "_backoff",
@@ -248,7 +262,7 @@ class Client:
 
     def __init__(
         self,
-        addresses: Sequence[str],
+        addresses: Sequence[str] = (),
         *,
         product: str,
         uid: str,
@@ -261,18 +275,26 @@ class Client:
         backoff_max: float = 10.0,
         connect_timeout: float = 5.0,
         queue_size: int = 10000,
+        dispatcher: str | None = None,
+        transport: str = "ws",
+        idc: str = "",
     ) -> None:
         if isinstance(addresses, str):
             raise TypeError("addresses must be a sequence of addresses, not one string")
         self._addresses = [Address.parse(a) for a in addresses]
-        if not self._addresses:
-            raise ValueError("at least one address is needed")
+        self._static = list(self._addresses)  # the fallback when the dispatcher fails
+        if not self._addresses and dispatcher is None:
+            raise ValueError("at least one address (or a dispatcher URL) is needed")
+        if transport not in ("ws", "tcp"):
+            raise ValueError(f"transport must be 'ws' or 'tcp', not {transport!r}")
+        self._dispatcher = dispatcher
+        self._route_query = {"transport": transport, "idc": idc}
         try:
             self._encoding = Encoding(encoding)
         except ValueError:
             raise ValueError(f"encoding must be 'msgpack' or 'json', not {encoding!r}") from None
-        if self._encoding is not Encoding.MSGPACK and any(
-            a.scheme == "tcp" for a in self._addresses
+        if self._encoding is not Encoding.MSGPACK and (
+            any(a.scheme == "tcp" for a in self._addresses) or transport == "tcp"
         ):
             raise ValueError("TCP addresses carry msgpack only; use ws:// for json")
         if connect_timeout <= 0 or queue_size < 1:
@@ -458,8 +480,22 @@ class Client:
     async def _run(self, first: asyncio.Future[None]) -> None:
         failures = 0  # attempts failed since the last successful auth
         index = 0
+        avoid: list[str] = []  # addresses that failed or asked us to leave, for the dispatcher
         try:
             while True:
+                if self._dispatcher is not None and index == 0:
+                    try:
+                        await self._route(avoid)
+                    except DispatchError as exc:
+                        failures += 1
+                        log.warning("dispatcher %s failed: %s", self._dispatcher, exc)
+                        if not self._static:
+                            if not first.done() and failures >= FIRST_ROUTE_TRIES:
+                                raise
+                            await asyncio.sleep(self._backoff.delay(failures))
+                            continue
+                        self._addresses = list(self._static)
+                    avoid = []
                 address = self._addresses[index]
                 self._set_state(CONNECTING)
                 try:
@@ -471,6 +507,7 @@ class Client:
                     CONNECTS.labels("failed").inc()
                     log.warning("connecting to %s failed: %r", address.url, exc)
                     failures += 1
+                    avoid.append(address.url)
                     index = (index + 1) % len(self._addresses)
                     if not first.done():
                         if failures >= len(self._addresses):
@@ -485,8 +522,16 @@ class Client:
                 failures = 0
                 if not first.done():
                     first.set_result(None)
+                pause = self._backoff.delay(0)
                 try:
                     await self._session(transport, hb)
+                except MoveHint as hint:
+                    log.info("leaving %s: %s", address.url, hint)
+                    avoid.append(address.url)
+                    # With a dispatcher, ask it again (this address excluded); else the next.
+                    moved = 0 if self._dispatcher is not None else index + 1
+                    index = moved % len(self._addresses)
+                    pause = hint.after_s
                 except (OSError, TimeoutError, ProtocolError) as exc:
                     log.info("connection to %s lost: %s", address.url, exc)
                     if isinstance(exc, TransportClosed) and exc.code == ErrorCode.SERVER_SHUTDOWN:
@@ -496,7 +541,7 @@ class Client:
                 finally:
                     self._go_offline()
                     await transport.close()
-                await asyncio.sleep(self._backoff.delay(0))
+                await asyncio.sleep(pause)
         except asyncio.CancelledError:
             if not first.done():
                 first.set_exception(ClientClosed("client closed while connecting"))
@@ -511,6 +556,24 @@ class Client:
         finally:
             self._task = None
             self._set_state(OFFLINE)
+
+    async def _route(self, avoid: list[str]) -> None:
+        """Addresses from the dispatcher; while every instance is saturated, wait as told."""
+        assert self._dispatcher is not None
+        while True:
+            found = await route(
+                self._dispatcher,
+                self._auth["product"],
+                self._auth["uid"],
+                retry=avoid,
+                **self._route_query,
+            )
+            if found.addresses:
+                self._addresses = [Address.parse(a) for a in found.addresses]
+                return
+            wait_ms = found.retry_after_ms or 1000
+            log.info("every gateway is busy; asking the dispatcher again in %d ms", wait_ms)
+            await asyncio.sleep(wait_ms / 1000)
 
     async def _open(self, address: Address) -> tuple[Transport, float]:
         """Connect and authenticate within connect_timeout; returns the heartbeat interval."""
@@ -610,6 +673,8 @@ class Client:
                 waiter = self._pings.popleft()
                 if waiter is not None and not waiter.done():
                     waiter.set_result(None)
+        elif op == "reconnect":
+            raise MoveHint(message["after_ms"], message["reason"])
         elif op == "error":
             code, reason = message["code"], message["reason"]
             if code in TERMINAL_CODES:
