@@ -6,6 +6,7 @@ admin_key = "..."     # operators' key for /v1/admin (switches); never a busines
 secret = "..."        # signs client tokens (HS256 JWT)
 api_key = "..."       # business servers' Bearer key for center
 webhook = "https://..."  # optional: upstream messages and online events
+webhook_secret = "..."   # optional: each webhook POST is signed with it (HMAC-SHA256)
 broadcast_spread_s = 30  # optional: default pacing window of broadcasts (seconds)
 """
 
@@ -17,6 +18,7 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 log = logging.getLogger("im.config")
 
@@ -25,6 +27,7 @@ DEV_SECRET = "dev"
 DEV_ADMIN_KEY = "dev-admin"
 #: RFC 7518 3.2: an HS256 key must be at least as long as the hash.
 MIN_BYTES = {"secret": 32, "api_key": 16}
+MIN_WEBHOOK_SECRET_BYTES = 16
 CONFIG_ENV = "IM_CONFIG"
 
 
@@ -39,6 +42,7 @@ class Product:
     api_key: str
     webhook: str | None = None
     broadcast_spread_s: float = 0.0  # default pacing window of this product's broadcasts
+    webhook_secret: str | None = None  # signs each webhook POST (X-IM-Signature)
 
     def __repr__(self) -> str:  # secrets never reach logs through a repr
         return f"Product(name={self.name!r}, webhook={self.webhook!r})"
@@ -58,18 +62,56 @@ def _product(name: str, table: Any) -> Product:
         if not isinstance(value, str) or len(value.encode()) < min_bytes:
             raise ConfigError(f"{where} {key} must be a string of at least {min_bytes} bytes")
         fields[key] = value
-    webhook = table.get("webhook")
-    if webhook is not None and not (
-        isinstance(webhook, str) and webhook.startswith(("http://", "https://"))
-    ):
-        raise ConfigError(f"{where} webhook must be an http:// or https:// URL")
+    webhook = _webhook(where, table.get("webhook"))
+    webhook_secret = table.get("webhook_secret")
+    if webhook_secret is not None:
+        if (
+            not isinstance(webhook_secret, str)
+            or len(webhook_secret.encode()) < MIN_WEBHOOK_SECRET_BYTES
+        ):
+            raise ConfigError(
+                f"{where} webhook_secret must be a string of at least "
+                f"{MIN_WEBHOOK_SECRET_BYTES} bytes"
+            )
+        if webhook is None:
+            raise ConfigError(f"{where} webhook_secret is set but there is no webhook")
     spread = table.get("broadcast_spread_s", 0.0)
     if isinstance(spread, bool) or not isinstance(spread, int | float) or not 0 <= spread <= 3600:
         raise ConfigError(f"{where} broadcast_spread_s must be a number of seconds from 0 to 3600")
-    unknown = set(table) - {"secret", "api_key", "webhook", "broadcast_spread_s"}
+    unknown = set(table) - {
+        "secret",
+        "api_key",
+        "webhook",
+        "webhook_secret",
+        "broadcast_spread_s",
+    }
     if unknown:
         raise ConfigError(f"{where} has unknown keys: {', '.join(sorted(unknown))}")
-    return Product(name, fields["secret"], fields["api_key"], webhook, float(spread))
+    return Product(
+        name,
+        fields["secret"],
+        fields["api_key"],
+        webhook,
+        float(spread),
+        webhook_secret=webhook_secret,
+    )
+
+
+def _webhook(where: str, value: Any) -> str | None:
+    """An absolute http(s) URL with a host, so a typo fails at start, not at the first POST."""
+    if value is None:
+        return None
+    problem = ConfigError(f"{where} webhook must be an http:// or https:// URL with a host")
+    if not isinstance(value, str):
+        raise problem
+    try:
+        parts = urlsplit(value)
+        port = parts.port
+    except ValueError:  # a port out of range, a malformed IPv6 literal
+        raise problem from None
+    if parts.scheme not in ("http", "https") or not parts.hostname or port == 0:
+        raise problem
+    return value
 
 
 def _read(path: str | os.PathLike) -> dict[str, Any]:

@@ -9,6 +9,7 @@ an error, not a growing buffer. Events are retried a few times, then dropped and
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import deque
@@ -27,12 +28,12 @@ from room.connection import CLOSED, Connection
 log = logging.getLogger("im.room")
 
 FLUSH_S = 0.01  # frames and events wait at most this long before they go in one call
-MAX_PENDING = 4096  # up frames waiting for the coordinator, all connections together
+MAX_PENDING = 2048  # up frames waiting for the coordinator, all connections together
 MAX_EVENTS = 10_000  # online/offline events waiting; more are dropped
 EVENT_ROWS = 1000  # events per call
 EVENT_ATTEMPTS = 3
 EVENT_RETRY_S = 0.2  # pause before the first event retry; doubles
-CLOSE_GRACE_S = 1.0  # at stop, time left to send the last events
+CLOSE_GRACE_S = 1.0  # at stop, the most time left to send the last events
 LOG_EVERY_S = 10.0
 
 UP_FRAMES = Counter("im_room_up_frames_total", "Client up frames, by outcome", ["outcome"])
@@ -80,15 +81,17 @@ class TokenBucket:
 
 class Upstream:
     """Owned by the gateway: `up` for each valid up frame of an online connection, `online`
-    when a connection is answered auth_ok, `offline` when it goes; `close` at stop."""
+    when a connection is answered auth_ok, `offline` whenever one is forgotten; `close` at
+    stop."""
 
     def __init__(self, config: RoomConfig, encode: Encode) -> None:
         self._encode = encode
         self._client = CoordinatorClient(config.coordinator) if config.coordinator else None
         self._rate = config.up_rate
-        self._burst = 2 * config.up_rate
+        self._burst = max(1.0, 2 * config.up_rate)
         # Rows of one call stay well inside the RPC frame even if every body is max_frame.
         self._rows_per_call = max(1, min(1000, MAX_FRAME // (2 * config.max_frame)))
+        # One per connection announced online: its rate and the mark that its offline is due.
         self._buckets: dict[Connection, TokenBucket] = {}
         self._ups: deque[tuple[Connection, int, list]] = deque()
         self._events: deque[list] = deque()
@@ -96,6 +99,7 @@ class Upstream:
         self._tick: asyncio.TimerHandle | None = None
         self._up_task: asyncio.Task[None] | None = None
         self._event_task: asyncio.Task[None] | None = None
+        self._stopping = asyncio.Event()  # cuts retry pauses short: one last try at stop
         self._logged_at: dict[str, float] = {}
 
     # -- called by the gateway ---------------------------------------------------------
@@ -106,11 +110,11 @@ class Upstream:
             _OFF.inc()
             self._answer(conn, seq, _NOT_CONFIGURED)
             return
-        now = self._loop.time()
         bucket = self._buckets.get(conn)
-        if bucket is None:
-            bucket = self._buckets[conn] = TokenBucket(self._burst, now)
-        if not bucket.take(self._rate, self._burst, now):
+        if bucket is None:  # not announced by the gateway: announce it, so offline pairs up
+            self.online(conn)
+            bucket = self._buckets[conn]
+        if not bucket.take(self._rate, self._burst, self._loop.time()):
             _RATE_LIMITED.inc()
             self._answer(conn, seq, _OVER_RATE)
             return
@@ -124,25 +128,33 @@ class Upstream:
         self._schedule()
 
     def online(self, conn: Connection) -> None:
-        self._event(conn, ONLINE)
+        if self._client is not None:
+            self._buckets[conn] = TokenBucket(self._burst, self._loop.time())
+            self._event(conn, ONLINE)
 
     def offline(self, conn: Connection) -> None:
-        self._buckets.pop(conn, None)
-        self._event(conn, OFFLINE)
+        """Safe to call for any connection, any number of times: only a connection announced
+        online is announced offline, once."""
+        if self._buckets.pop(conn, None) is not None:
+            self._event(conn, OFFLINE)
 
     async def close(self) -> None:
-        """Give the last events (the offlines of a drained instance) a moment, then stop."""
+        """Send the last events (the offlines of a drained instance) with one try each and
+        no pauses, within CLOSE_GRACE_S; up frames still waiting are dropped with their
+        connections."""
+        self._stopping.set()
         if self._tick is not None:
             self._tick.cancel()
             self._tick = None
-        self._ups.clear()  # their connections are gone
+        self._ups.clear()
+        if self._up_task is not None:
+            self._up_task.cancel()
         self._flush()
-        tasks = [t for t in (self._up_task, self._event_task) if t is not None and not t.done()]
-        if tasks:
-            _, late = await asyncio.wait(tasks, timeout=CLOSE_GRACE_S)
-            for task in late:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+        tasks = [t for t in (self._up_task, self._event_task) if t is not None]
+        if self._event_task is not None:
+            await asyncio.wait([self._event_task], timeout=CLOSE_GRACE_S)
+            self._event_task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         if self._events:
             _EVENTS_DROPPED.inc(len(self._events))
             self._events.clear()
@@ -152,8 +164,6 @@ class Upstream:
     # -- batching ----------------------------------------------------------------------
 
     def _event(self, conn: Connection, event: str) -> None:
-        if self._client is None:
-            return
         if len(self._events) >= MAX_EVENTS:
             _EVENTS_DROPPED.inc()
             self._warn("events", "upstream: %d events already wait, dropping", MAX_EVENTS)
@@ -201,19 +211,28 @@ class Upstream:
     async def _send_events(self, client: CoordinatorClient) -> None:
         while self._events:
             rows = [self._events.popleft() for _ in range(min(len(self._events), EVENT_ROWS))]
-            for attempt in range(EVENT_ATTEMPTS):
-                try:
-                    accepted = await client.submit_events(rows)
-                except (RpcError, ValueError, TypeError) as exc:
-                    if attempt + 1 < EVENT_ATTEMPTS:
-                        await asyncio.sleep(EVENT_RETRY_S * 2**attempt)
-                        continue
-                    self._warn("events_failed", "upstream: %d events dropped: %s", len(rows), exc)
-                    _EVENTS_DROPPED.inc(len(rows))
-                else:
-                    _EVENTS_SENT.inc(accepted)
-                    _EVENTS_REFUSED.inc(len(rows) - accepted)
-                break
+            try:
+                await self._submit_events(client, rows)
+            except asyncio.CancelledError:  # stopped while they were on their way
+                _EVENTS_DROPPED.inc(len(rows))
+                raise
+
+    async def _submit_events(self, client: CoordinatorClient, rows: list[list]) -> None:
+        for attempt in range(EVENT_ATTEMPTS):
+            try:
+                accepted = await client.submit_events(rows)
+            except (RpcError, ValueError, TypeError) as exc:
+                if attempt + 1 < EVENT_ATTEMPTS and not self._stopping.is_set():
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(EVENT_RETRY_S * 2**attempt):
+                            await self._stopping.wait()
+                    continue
+                self._warn("events_failed", "upstream: %d events dropped: %s", len(rows), exc)
+                _EVENTS_DROPPED.inc(len(rows))
+            else:
+                _EVENTS_SENT.inc(accepted)
+                _EVENTS_REFUSED.inc(len(rows) - accepted)
+            return
 
     # -- answers -----------------------------------------------------------------------
 
@@ -222,7 +241,7 @@ class Upstream:
         self._send(conn, {"op": "error", "code": int(code), "reason": reason, "seq": seq})
 
     def _send(self, conn: Connection, message: dict[str, Any]) -> None:
-        if conn.transport is not None and conn.state != CLOSED:
+        if conn.state != CLOSED:
             conn.send_now(self._encode(conn.kind, message))
 
     def _warn(self, key: str, message: str, *args: object) -> None:

@@ -127,3 +127,40 @@ def test_admin_key_from_the_config(tmp_path, monkeypatch):
     path.write_text(f'admin_key = "short"\n[products.a]\nsecret = "{S32}"\napi_key = "{K16}"\n')
     with pytest.raises(ConfigError, match="admin_key"):
         load_admin_key(path)
+
+
+def test_webhook_secret_is_read_and_never_shown(tmp_path):
+    path = tmp_path / "im.toml"
+    path.write_text(
+        f'[products.shop]\nsecret = "{S32}"\napi_key = "{K16}"\n'
+        f'webhook = "http://127.0.0.1:9000/im"\nwebhook_secret = "{"w" * 16}"\n'
+        f'[products.quiet]\nsecret = "{S32}"\napi_key = "{"z" * 16}"\n'
+    )
+    products = load_products(path)
+    assert products["shop"].webhook == "http://127.0.0.1:9000/im"
+    assert products["shop"].webhook_secret == "w" * 16
+    assert "w" * 16 not in repr(products["shop"])
+    assert (products["quiet"].webhook, products["quiet"].webhook_secret) == (None, None)
+
+
+@pytest.mark.parametrize(
+    ("extra", "mentions"),
+    [
+        ('webhook = "https://"\n', "webhook must be"),
+        ('webhook = "https:///path"\n', "webhook must be"),
+        ('webhook = "b.example/h"\n', "webhook must be"),
+        ('webhook = "http://b.example:99999/h"\n', "webhook must be"),
+        ('webhook = "http://[::1/h"\n', "webhook must be"),
+        ("webhook = 5\n", "webhook must be"),
+        ('webhook = "https://b.example/h"\nwebhook_secret = "short"\n', "webhook_secret"),
+        ('webhook = "https://b.example/h"\nwebhook_secret = 12\n', "webhook_secret"),
+        (f'webhook_secret = "{"w" * 16}"\n', "no webhook"),
+    ],
+)
+def test_bad_webhook_settings_name_the_problem(tmp_path, extra, mentions):
+    path = tmp_path / "im.toml"
+    path.write_text(f'[products.a]\nsecret = "{S32}"\napi_key = "{K16}"\n{extra}')
+    with pytest.raises(ConfigError) as info:
+        load_products(path)
+    assert mentions in str(info.value)
+    assert "[products.a]" in str(info.value)
