@@ -51,7 +51,8 @@ async def kick_user(
 
     async def kick(instance: str, conns: list[str]) -> tuple[str, int | None]:
         try:
-            reply = await caller.call(instance, "kick", {"conns": conns, "reason": reason})
+            params = {"conns": conns, "reason": reason, "product": product}
+            reply = await caller.call(instance, "kick", params)
         except Unreachable:
             return instance, None
         closed = reply.get("closed", 0) if isinstance(reply, dict) else 0

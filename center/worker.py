@@ -450,7 +450,12 @@ class FanoutWorker:
         """The items served; calls go one after the other so their order holds."""
         served: list[_Item] = []
         for call in push_calls(items):
-            params = {"items": [{"conns": item.conns, "msg": item.job.msg} for item in call]}
+            params = {
+                "items": [
+                    {"conns": item.conns, "msg": item.job.msg, "product": item.job.product}
+                    for item in call
+                ]
+            }
             if not await self._call(instance, "push", params, USERS, [item.job for item in call]):
                 break
             served.extend(call)

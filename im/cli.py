@@ -18,6 +18,7 @@ SERVICES = {
     "register": "register.__main__",
     "saver": "saver.__main__",
     "dispatcher": "dispatcher.__main__",
+    "coordinator": "coordinator.__main__",
 }
 
 
@@ -88,7 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
         print(
             "usage: im {up,token,switch,drain,dev-cert,room,center,worker,register,saver,"
-            "dispatcher} [options]\n\n"
+            "dispatcher,coordinator} [options]\n\n"
             "  up        start register, center and room instances (embedded engines by default)\n"
             "  token     print a client token for a product and uid\n"
             "  switch    get or set the live switches (big rooms, budgets, IDC limits)\n"
@@ -99,7 +100,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "  worker    run a fan-out worker on Kafka (im worker --brokers HOST:PORT)\n"
             "  register  run the session register\n"
             "  saver     run the message store for at-least-once delivery\n"
-            "  dispatcher run the route service that hands clients their gateway addresses\n\n"
+            "  dispatcher run the route service that hands clients their gateway addresses\n"
+            "  coordinator run the upstream service: client up frames and events to webhooks\n\n"
             "Each command takes --help.",
             file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout,
         )

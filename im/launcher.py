@@ -17,7 +17,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 RESTART_PAUSE_S = 1.0
-MAX_WORKERS = 5  # worker i serves /metrics on register port + 5 + i, below center's port
+#: Worker i serves /metrics on register port + 5 + i; the coordinator's is register port + 9.
+MAX_WORKERS = 4
 STOP_GRACE_S = 10.0
 
 
@@ -58,7 +59,22 @@ def plan(args: argparse.Namespace) -> list[Child]:
     ]
     if args.redis:
         saver += ["--redis", args.redis]
-    children = [Child("register", register), Child("saver", saver)]
+    coordinator_address = f"{host}:{args.register_port + 4}"
+    coordinator = [
+        "coordinator",
+        "--host",
+        host,
+        "--port",
+        str(args.register_port + 4),
+        "--metrics-port",
+        str(args.register_port + 9),
+        *common,
+    ]
+    children = [
+        Child("register", register),
+        Child("saver", saver),
+        Child("coordinator", coordinator),
+    ]
     register_address = f"{host}:{args.register_port}"
     for i in range(args.rooms):
         children.append(
@@ -74,6 +90,8 @@ def plan(args: argparse.Namespace) -> list[Child]:
                     register_address,
                     "--saver",
                     saver_address,
+                    "--coordinator",
+                    coordinator_address,
                     "--ws-port",
                     str(args.base_port + 2 * i),
                     "--tcp-port",
@@ -142,6 +160,8 @@ def banner(args: argparse.Namespace) -> str:
         f"({'redis ' + args.redis if args.redis else 'memory engine'})",
         f"saver     {args.host}:{args.register_port + 2} rpc, "
         f"http://{args.host}:{args.register_port + 3}/metrics",
+        f"coordinator {args.host}:{args.register_port + 4} rpc, "
+        f"http://{args.host}:{args.register_port + 9}/metrics  (up frames -> product webhooks)",
         f"dispatcher http://{args.host}:{args.dispatcher_port}/v1/route?product=&uid=",
     ]
     if args.kafka:
@@ -194,7 +214,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, stop)
     for child in children:
         child.start()
-        if child.name in ("register", "saver"):
+        if child.name in ("register", "saver", "coordinator"):
             time.sleep(0.3)  # rooms connect to it at once; spare them a failed first call
     print(banner(args), flush=True)
 

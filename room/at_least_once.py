@@ -85,12 +85,16 @@ class AtLeastOnce:
 
     # -- login ---------------------------------------------------------------------------
 
-    def online(self, conn: Connection) -> None:
-        """The session is registered: page the user's pending messages onto the socket."""
+    def online(self, conn: Connection, product: str = "", uid: str = "") -> None:
+        """The session is registered: page the user's pending messages onto the socket.
+
+        For the connection's first product live pushes wait until its pending ones are out;
+        a product bound later (room.bindings) has its pending ones paged alongside."""
         if self._saver is None:
             return
-        conn.held = []
-        self._spawn(self._load(conn))
+        if not product:
+            conn.held = []
+        self._spawn(self._load(conn, product or conn.product, uid or conn.uid))
 
     def hold(self, conn: Connection, priority: int, frame: bytes, msg_id: str) -> None:
         """A live push for a connection still loading: it goes out after the pending ones."""
@@ -108,28 +112,34 @@ class AtLeastOnce:
         if self._saver is not None and conn.qos1 and conn.state == ONLINE:
             self._resync.add(conn)
 
-    async def _load(self, conn: Connection) -> None:
+    async def _load(self, conn: Connection, product: str, uid: str) -> None:
         sent: set[str] = set()
+        first = product == conn.product
         try:
             async with self._loads:
-                await self._page_all(conn, sent)
+                await self._page_all(conn, product, uid, sent)
         except (RpcError, OSError, TimeoutError, ValueError) as exc:
             self.counts["saver_errors"] += 1
-            log.warning("pending messages of %s: saver failed: %s", conn.uid, exc)
+            log.warning("pending messages of %s: saver failed: %s", uid, exc)
             self._resync.add(conn)
         finally:
-            held, conn.held = conn.held or [], None
-            if conn.state == ONLINE:
-                for priority, frame, msg_id in held:
-                    if msg_id not in sent:
-                        self._gateway.queue_frame(conn, priority, frame)
+            if first:
+                self._release(conn, sent)
 
-    async def _page_all(self, conn: Connection, sent: set[str]) -> None:
+    def _release(self, conn: Connection, sent: set[str]) -> None:
+        """The live pushes held during the load, minus those the saver returned too."""
+        held, conn.held = conn.held or [], None
+        if conn.state == ONLINE:
+            for priority, frame, msg_id in held:
+                if msg_id not in sent:
+                    self._gateway.queue_frame(conn, priority, frame)
+
+    async def _page_all(self, conn: Connection, product: str, uid: str, sent: set[str]) -> None:
         assert self._saver is not None
         after = ""
         cap = self._gateway.config.queue_cap
         while conn.state == ONLINE:
-            page = await self._saver.pending(conn.product, conn.uid, PAGE, after)
+            page = await self._saver.pending(product, uid, PAGE, after)
             if not page:
                 return
             for message in page:
@@ -137,11 +147,11 @@ class AtLeastOnce:
                     await asyncio.sleep(self._gateway.config.flush_interval_ms / 1000 or 0.005)
                 if conn.state != ONLINE:
                     return
-                frame = self._gateway.encode_for(conn.kind, message)
+                frame = self._gateway.frame_for(conn, message, product, {})
                 conn.qos1 = True
                 if self._gateway.queue_frame(conn, PRIORITY_INDEX[message["pri"]], frame):
                     sent.add(message["id"])
-                    self.written(conn, message["id"])
+                    self.written(conn, message["id"], product, uid)
             self.counts["pending_loaded"] += len(page)
             after = page[-1]["id"]
 
@@ -151,26 +161,32 @@ class AtLeastOnce:
         for conn in flagged:
             if conn.state == ONLINE and conn.held is None:
                 self.counts["resyncs"] += 1
-                conn.held = []
-                self._spawn(self._load(conn))
+                self.online(conn)
+                for product, uid in (conn.binds or {}).items():
+                    self.online(conn, product, uid)
 
     # -- ACKs and written marks ----------------------------------------------------------
 
     def ack(self, conn: Connection, ids: list[str]) -> None:
         if self._saver is None or not ids:
             return
+        # Ids are unique across products and the saver ignores ids a user does not have, so
+        # a connection carrying several products ACKs for each of them.
         self._acks.setdefault((conn.product, conn.uid), []).extend(ids)
         self._ack_count += len(ids)
+        for product, uid in (conn.binds or {}).items():
+            self._acks.setdefault((product, uid), []).extend(ids)
+            self._ack_count += len(ids)
         if self._ack_count > MAX_BACKLOG:
             self._forget_oldest_acks()
         self._schedule()
 
-    def written(self, conn: Connection, msg_id: str) -> None:
+    def written(self, conn: Connection, msg_id: str, product: str = "", uid: str = "") -> None:
         if self._saver is None:
             return
-        rows = self._written.setdefault(conn.product, [])
+        rows = self._written.setdefault(product or conn.product, [])
         if len(rows) < MAX_BACKLOG:
-            rows.append((conn.uid, msg_id))
+            rows.append((uid or conn.uid, msg_id))
         self._schedule()
 
     def _forget_oldest_acks(self) -> None:

@@ -240,17 +240,19 @@ class ChatRooms:
         if not isinstance(spread, int | float) or not 0 <= spread <= 3600:
             raise RpcError("bad_request", "spread_s must be between 0 and 3600")
         product = params["product"]
-        conns = [c for c in self.gateway.conns.values() if c.product == product]
+        conns = [
+            c
+            for c in self.gateway.conns.values()
+            if c.product == product or (c.binds and product in c.binds)
+        ]
         priority = PRIORITY_INDEX[message["pri"]]
-        encoded: dict[str, bytes] = {}
+        encoded: dict[tuple[str, bool], bytes] = {}
 
         def send(chunk: list[Connection]) -> None:
             for conn in chunk:
                 if conn.state != ONLINE:
                     continue
-                data = encoded.get(conn.kind)
-                if data is None:
-                    data = encoded[conn.kind] = self.gateway.encode_for(conn.kind, message)
+                data = self.gateway.frame_for(conn, message, product, encoded)
                 self.gateway.queue_frame(conn, priority, data)
 
         if spread <= 0 or len(conns) <= 1:

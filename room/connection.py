@@ -50,6 +50,7 @@ class Connection(asyncio.Protocol):
         "rooms",
         "held",
         "qos1",
+        "binds",
     )
 
     def __init__(self, gateway: Gateway) -> None:
@@ -71,6 +72,7 @@ class Connection(asyncio.Protocol):
         self.rooms: set | None = None  # RoomGroups joined; None until the first join
         self.held: list | None = None  # live pushes waiting for the pending ones (QoS 1)
         self.qos1 = False  # a qos 1 push was queued here: a drop may have been one
+        self.binds: dict[str, str] | None = None  # more products on this connection -> uid
 
     # -- asyncio callbacks -------------------------------------------------------------
 

@@ -29,6 +29,7 @@ from im.sessions import Node, NodeRenewal, Session, SessionStore
 from im.switches import Switches
 from im.switches_feed import SwitchesFeed
 from room.at_least_once import AtLeastOnce
+from room.bindings import Bindings
 from room.chatrooms import ChatRooms
 from room.config import RoomConfig
 from room.connection import (
@@ -47,6 +48,7 @@ from room.drain import Drain
 from room.queues import Outcome
 from room.replace import Replacer
 from room.stats import RoomStats
+from room.upstream import Upstream
 
 log = logging.getLogger("im.room")
 
@@ -93,6 +95,9 @@ class Gateway:
         self.rooms = ChatRooms(self)
         self.qos = AtLeastOnce(self, saver)
         self.replacer = Replacer(self)
+        self.bindings = Bindings(self)
+        self.upstream = Upstream(config, self.encode_for)
+        self._background: set[asyncio.Task] = set()
         self.drain = Drain(self)
         self._node_renewal = NodeRenewal(0, self._loop.time())
         self._resyncs: set[asyncio.Task] = set()  # the register refill running, one at a time
@@ -115,6 +120,7 @@ class Gateway:
         self.wheel.add(conn)
 
     def closed(self, conn: Connection) -> None:
+        self.upstream.offline(conn)
         self.all.discard(conn)
         self.wheel.discard(conn)
         if conn.rooms:
@@ -123,6 +129,7 @@ class Gateway:
         if conn.conn_id and self.conns.get(conn.conn_id) is conn:
             del self.conns[conn.conn_id]
             self._to_remove.append(self._session(conn))
+            self._to_remove.extend(self.bindings.sessions(conn))
             self._schedule_register()
 
     def touch(self, conn: Connection) -> None:
@@ -178,6 +185,17 @@ class Gateway:
             elif op == "leave":
                 self.rooms.leave(conn, message["room"])
                 self._schedule_register()
+            elif op == "up":
+                self.upstream.up(conn, message)
+            elif op == "bind":
+                try:
+                    self.bindings.bind(conn, message)
+                except ProtocolError as err:
+                    self.protocol_error(conn, err)
+            elif op == "unbind":
+                if not self.bindings.unbind(conn, message["product"]):
+                    reason = f"unbind: product {message['product']!r} is not bound here"
+                    self.protocol_error(conn, ProtocolError(ErrorCode.BIND_REFUSED, reason))
             else:  # auth
                 self.protocol_error(
                     conn, ProtocolError(ErrorCode.ALREADY_AUTHENTICATED, "already authenticated")
@@ -226,7 +244,7 @@ class Gateway:
         while self._to_register or self._to_remove or self.rooms.has_index_updates:
             if self.rooms.has_index_updates and not self._to_register:
                 updates = self.rooms.index_updates()
-                await self._store_call(
+                await self.store_call(
                     self.store.put_rooms(self.instance, updates, self.config.session_ttl_s),
                     "rooms",
                 )
@@ -236,7 +254,7 @@ class Gateway:
                     self._to_remove[:batch_size],
                     self._to_remove[batch_size:],
                 )
-                await self._store_call(self.store.remove_sessions(batch), "remove")
+                await self.store_call(self.store.remove_sessions(batch), "remove")
                 continue
             conns, self._to_register = (
                 self._to_register[:batch_size],
@@ -247,7 +265,7 @@ class Gateway:
                 self.conns[conn.conn_id] = conn
             # A failed put is retried by the next renewal, which re-sends every session:
             # a register outage must not cost clients their connections.
-            await self._store_call(
+            await self.store_call(
                 self.store.put_sessions(
                     [self._session(c) for c in live], self.config.session_ttl_s
                 ),
@@ -268,10 +286,17 @@ class Gateway:
                     )
                 )
                 self.qos.online(conn)
+                self.upstream.online(conn)
             if any(c.device and c.state == ONLINE for c in live):
                 await self.replacer.logged_in([c for c in live if c.state == ONLINE])
 
-    async def _store_call(self, call: Any, what: str) -> bool:
+    def spawn(self, coro: Any) -> None:
+        """Run a background step (a bind, an unbind) and keep it until it is done."""
+        task = self._loop.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def store_call(self, call: Any, what: str) -> bool:
         try:
             await call
             return True
@@ -286,13 +311,17 @@ class Gateway:
         size = self.config.register_batch
         for i in range(0, len(conns), size):
             # Sessions are built one batch at a time: 10,000 at once would be a memory spike.
-            batch = [self._session(c) for c in conns[i : i + size] if c.state == ONLINE]
-            await self._store_call(
+            batch = []
+            for conn in conns[i : i + size]:
+                if conn.state == ONLINE:
+                    batch.append(self._session(conn))
+                    batch.extend(self.bindings.sessions(conn))
+            await self.store_call(
                 self.store.put_sessions(batch, self.config.session_ttl_s), "renew"
             )
         rooms = self.rooms.index_updates(everything=True)
         for i in range(0, len(rooms), size):
-            await self._store_call(
+            await self.store_call(
                 self.store.put_rooms(self.instance, rooms[i : i + size], self.config.session_ttl_s),
                 "rooms",
             )
@@ -313,7 +342,7 @@ class Gateway:
             max_conn_rate=self.config.max_conn_rate,
             draining=not self.accepting,
         )
-        await self._store_call(self._put_node(node), "node")
+        await self.store_call(self._put_node(node), "node")
 
     async def _put_node(self, node: Node) -> None:
         epoch = await self.store.put_node(node, self.config.node_ttl_s)
@@ -375,11 +404,27 @@ class Gateway:
             if conn.dirty:
                 conn.flush()
 
-    def deliver(self, conn_ids: list[str], message: dict[str, Any]) -> tuple[int, list[str]]:
-        """Queue one push for connections of this instance; encoded once per wire kind."""
+    def frame_for(
+        self, conn: Connection, message: dict[str, Any], product: str, cache: dict
+    ) -> bytes:
+        """The push's bytes for this connection, encoded once per wire kind; a connection
+        carrying several products (room.bindings) is told whose push it is."""
+        tagged = conn.binds is not None
+        key = (conn.kind, tagged)
+        data = cache.get(key)
+        if data is None:
+            shown = {**message, "product": product or conn.product} if tagged else message
+            data = cache[key] = self.encode_for(conn.kind, shown)
+        return data
+
+    def deliver(
+        self, conn_ids: list[str], message: dict[str, Any], product: str = ""
+    ) -> tuple[int, list[str]]:
+        """Queue one push of `product` (the connection's first one if not named) for
+        connections of this instance."""
         priority = PRIORITY_INDEX[message["pri"]]
         qos1 = message["qos"] == 1
-        encoded: dict[str, bytes] = {}
+        encoded: dict[tuple[str, bool], bytes] = {}
         written = 0
         missing: list[str] = []
         for conn_id in conn_ids:
@@ -387,10 +432,9 @@ class Gateway:
             if conn is None or conn.state != ONLINE:
                 missing.append(conn_id)
                 continue
-            data = encoded.get(conn.kind)
-            if data is None:
-                data = encoded[conn.kind] = self.encode_for(conn.kind, message)
-            if conn.held is not None:  # its pending messages are still loading
+            data = self.frame_for(conn, message, product, encoded)
+            first = not product or product == conn.product
+            if conn.held is not None and first:  # its pending messages are still loading
                 self.qos.hold(conn, priority, data, message["id"])
                 written += 1
                 continue
@@ -398,8 +442,10 @@ class Gateway:
                 conn.qos1 = True
             if self.queue_frame(conn, priority, data):
                 written += 1
-                if qos1:
+                if qos1 and first:
                     self.qos.written(conn, message["id"])
+                elif qos1 and conn.binds and product in conn.binds:
+                    self.qos.written(conn, message["id"], product, conn.binds[product])
         self.stats.pushes += written
         return written, missing
 
@@ -421,7 +467,8 @@ class Gateway:
         return False
 
     async def rpc_push(self, params: Any) -> dict[str, Any]:
-        """RPC `push`: {"items": [{"conns": [...], "msg": {...}}]} -> written, missing."""
+        """RPC `push`: {"items": [{"conns": [...], "msg": {...}, "product": p}]} -> written,
+        missing."""
         if not isinstance(params, dict) or not isinstance(params.get("items"), list):
             raise RpcError("bad_request", "push needs {'items': [...]}")
         written = 0
@@ -435,17 +482,32 @@ class Gateway:
                     raise RpcError("bad_request", "msg must be a push map")
             except ProtocolError as err:
                 raise RpcError("bad_request", err.reason) from None
-            n, lost = self.deliver(item["conns"], message)
+            product = item.get("product", "")
+            if not isinstance(product, str):
+                raise RpcError("bad_request", "item 'product' must be a string")
+            n, lost = self.deliver(item["conns"], message, product)
             written += n
             missing.extend(lost)
         return {"written": written, "missing": missing}
 
-    def kick(self, conn_ids: list[str], reason: str, code: ErrorCode = ErrorCode.KICKED) -> int:
-        """Close these connections of this instance with `code` and `reason`; how many."""
+    def kick(
+        self,
+        conn_ids: list[str],
+        reason: str,
+        code: ErrorCode = ErrorCode.KICKED,
+        product: str = "",
+    ) -> int:
+        """Close these connections of this instance with `code` and `reason`; how many. A
+        product only bound to a connection (room.bindings) is unbound instead, so the other
+        apps sharing the connection keep it."""
         closed = 0
         for conn_id in conn_ids:
             conn = self.conns.get(conn_id)
-            if conn is not None:
+            if conn is None:
+                continue
+            if product and product != conn.product:
+                closed += self.bindings.unbind(conn, product, reason)
+            else:
                 self.close(conn, code, reason)
                 closed += 1
         return closed
@@ -462,7 +524,10 @@ class Gateway:
             raise RpcError("bad_request", f"reason must be a string of at most {MAX_REASON}")
         if code not in (ErrorCode.KICKED, ErrorCode.REPLACED):
             raise RpcError("bad_request", "code must be 4016 (kicked) or 4011 (replaced)")
-        return {"closed": self.kick(conns, reason, ErrorCode(code))}
+        product = params.get("product", "")
+        if not isinstance(product, str):
+            raise RpcError("bad_request", "product must be a string")
+        return {"closed": self.kick(conns, reason, ErrorCode(code), product)}
 
     async def rpc_drain(self, params: Any) -> dict[str, Any]:
         """RPC `drain`: {"window_s": n} -> starts the drain (once), answers at once."""
@@ -513,12 +578,13 @@ class Gateway:
 
     async def stop_background(self) -> None:
         """Flush what the saver is owed and stop the register refill, at shutdown."""
-        for task in self._resyncs:
+        for task in [*self._resyncs, *self._background]:
             task.cancel()
         if self.drain.task is not None:
             self.drain.task.cancel()
         await self.qos.close()
         await self.replacer.close()
+        await self.upstream.close()
 
     def shutdown(self) -> None:
         """Stop accepting and tell every client to reconnect elsewhere."""

@@ -152,7 +152,11 @@ class Up:
 @contextlib.asynccontextmanager
 async def running_up(log: Path) -> AsyncIterator[Up]:
     """`im up` on free ports until the block ends; stopped with SIGTERM if still running."""
-    base, center, register = free_block((0, 1, 100)), free_block((0,)), free_block((0, 1, 2, 3))
+    base, center, register = (
+        free_block((0, 1, 100)),
+        free_block((0,)),
+        free_block((0, 1, 2, 3, 4, 9)),
+    )
     dispatcher = free_block((0,))
     with log.open("wb") as stderr:
         process = await asyncio.create_subprocess_exec(
@@ -224,8 +228,9 @@ async def serves_a_push_and_stops_cleanly(up: Up) -> None:
     await eventually(lambda: healthy(f"http://{HOST}:{up.base_port}/healthz"), timeout=15)
     await eventually(lambda: healthy(f"http://{HOST}:{up.dispatcher_port}/healthz"), timeout=15)
     children = children_of(up.process.pid)
-    assert len(children) == 5, up.banner  # register, saver, room-0, center, dispatcher
+    assert len(children) == 6, up.banner  # register, saver, coordinator, room, center, dispatcher
     assert f"saver     {HOST}:{up.register_port + 2} rpc" in up.banner
+    assert f"coordinator {HOST}:{up.register_port + 4} rpc" in up.banner
 
     client = await RawTcp.open(HOST, up.base_port + 1)
     try:

@@ -26,6 +26,7 @@ class ErrorCode(IntEnum):
     UPSTREAM_RATE = 4014  # the connection sent `up` frames faster than its rate allows
     SECURE_CHANNEL = 4015  # encrypted channel: bad handshake, or a frame replayed or forged
     KICKED = 4016  # the business closed this user's connections (POST /v1/users/{uid}/kick)
+    BIND_REFUSED = 4017  # a bind or unbind was refused (bad token, already bound, too many)
 
 
 #: Errors after which the server closes the connection. The rest are answered and the

@@ -100,6 +100,7 @@ PUSH: Mapping[str, tuple[Check, bool]] = {
     "body": (anything, False),
     "room": (text(MAX_ROOM), False),  # set on pushes to a chat room
     "pull": (text(MAX_PULL_KEY), False),  # push-pull notify: the client fetches the body
+    "product": (text(64), False),  # set when the connection carries several products (bind)
 }
 
 
@@ -136,6 +137,13 @@ CLIENT_OPS: Schema = {
     "ack": {"ids": (id_list(MAX_ACK_IDS, 64), True)},
     "join": {"room": (text(MAX_ROOM), True)},
     "leave": {"room": (text(MAX_ROOM), True)},
+    # One more product on this connection, with its own token (and uid, this one's default).
+    "bind": {
+        "product": (text(64), True),
+        "token": (text(4096), True),
+        "uid": (text(128), False),
+    },
+    "unbind": {"product": (text(64), True)},
     "up": {
         "seq": (integer(0, 2**53 - 1), True),  # echoed in up_ack or the error, for the client
         "type": (text(64), True),
@@ -150,6 +158,8 @@ SERVER_OPS: Schema = {
     "batch": {"msgs": (push_list(MAX_BATCH), True)},
     "joined": {"room": (text(MAX_ROOM), True), "members": (integer(0, 2**53), True)},
     "left": {"room": (text(MAX_ROOM), True)},
+    "bound": {"product": (text(64), True)},
+    "unbound": {"product": (text(64), True), "reason": (text(200), False)},
     "up_ack": {"seq": (integer(0, 2**53 - 1), True)},
     # The instance is going away: close, wait after_ms, connect elsewhere (the dispatcher).
     "reconnect": {
