@@ -9,11 +9,13 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
+import pytest
 import pytest_asyncio
 from aiohttp import web
 
 from im.config import DEV_PRODUCT, Product, dev_products
 from im.protocol.errors import ErrorCode
+from im.sdk import BindRefused, Client
 from tests.fixtures.system import System, eventually
 
 SECOND = Product("second", "second-secret-0123456789abcdef", "second-key")
@@ -156,3 +158,40 @@ async def test_two_products_share_one_connection(make_system, webhook) -> None:
         alone = await push(http, system, dev_products()[DEV_PRODUCT], "b1")
         got = await client.recv()
         assert got["id"] == alone["id"] and "product" not in got  # one product: no tag
+
+
+async def test_the_sdk_binds_a_second_product_and_keeps_it_across_reconnects(
+    make_system, webhook
+) -> None:
+    system = await make_system("memory", rooms=2, products=products(webhook))
+    client = Client(
+        [system.tcp_url(0), system.tcp_url(1)],
+        product=DEV_PRODUCT,
+        uid="s1",
+        token=system.token("s1"),
+        backoff_min=0.05,
+        backoff_max=0.1,
+    )
+    await client.connect()
+    try:
+        await client.bind(SECOND.name, system.token("s1", SECOND.name))
+        with pytest.raises(BindRefused) as refused:
+            await client.bind("nope", "forged")
+        assert refused.value.code == ErrorCode.BIND_REFUSED
+        async with aiohttp.ClientSession() as http:
+            answer = await push(http, system, SECOND, "s1")
+            message = await client.recv(timeout=3)
+            assert (message.id, message.product) == (answer["id"], SECOND.name)
+            await system.stop_room(0)  # the client moves to room 1 and binds again there
+            register = system.register_client()
+            await eventually(lambda: _bound_on(register, system.rooms[1].gateway.instance))
+            again = await push(http, system, SECOND, "s1")
+            message = await client.recv(timeout=5)
+            assert message.id == again["id"]
+    finally:
+        await client.close()
+
+
+async def _bound_on(register: Any, instance: str) -> bool:
+    found = await register.lookup(SECOND.name, ["s1"])
+    return any(s.instance == instance for s in found.get("s1", []))

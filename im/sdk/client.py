@@ -26,6 +26,7 @@ from prometheus_client import Counter
 from im.protocol.codec import Encoding
 from im.protocol.errors import FATAL_CODES, ErrorCode, ProtocolError
 from im.protocol.messages import MAX_ACK_IDS, validate_client, validate_server
+from im.sdk.bindings import Bindings
 from im.sdk.dispatch import DispatchError, route
 from im.sdk.transport import Address, Transport, TransportClosed, open_transport
 
@@ -73,6 +74,7 @@ class Message:
     body: Any = field(compare=False)
     raw: dict[str, Any] = field(compare=False, repr=False)
     room: str | None = None
+    product: str | None = None  # set when the connection carries several products (bind)
 
 
 class ServerError(Exception):
@@ -254,6 +256,7 @@ class Client:
         "_joining",
         "_leaving",
         "_sent_joins",
+        "_bindings",
         "_task",
         "_loop",
         "_state",
@@ -320,6 +323,7 @@ class Client:
         self._joining: dict[str, list[asyncio.Future[int]]] = {}
         self._leaving: dict[str, list[asyncio.Future[None]]] = {}
         self._sent_joins: deque[str] = deque()  # joins on this connection awaiting an answer
+        self._bindings = Bindings()
         self._task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._state = OFFLINE
@@ -434,6 +438,46 @@ class Client:
             self._drop_waiter(self._joining, room, waiter)
             self._rooms.pop(room, None)
             raise
+
+    async def bind(
+        self,
+        product: str,
+        token: str,
+        *,
+        uid: str | None = None,
+        timeout: float | None = ROOM_TIMEOUT,
+    ) -> None:
+        """Carry one more product on this connection, with its own token (and uid, this
+        client's by default); bound again after every reconnect. Its pushes come through
+        this client with `Message.product` set. Raises BindRefused, TimeoutError,
+        ConnectionError when connect() has not run."""
+        if self._task is None:
+            raise ConnectionError("not connected: call connect() first")
+        waiter = self._bindings.want(product, token, uid)
+        transport = self._transport
+        if transport is not None:
+            with contextlib.suppress(OSError):  # lost: the reconnect binds again
+                await self._send_bind(transport, product)
+        try:
+            await _wait(waiter, timeout)
+        except TimeoutError:
+            self._bindings.forget(product)
+            raise
+
+    async def unbind(self, product: str) -> None:
+        """Stop carrying a bound product (it is not bound again after a reconnect)."""
+        self._bindings.forget(product)
+        transport = self._transport
+        if transport is not None:
+            with contextlib.suppress(OSError):
+                await transport.send({"op": "unbind", "product": product})
+
+    async def _send_bind(self, transport: Transport, product: str) -> None:
+        frame = self._bindings.frames.get(product)
+        if frame is not None:
+            self._bindings.sent(product)
+            await transport.send(frame)
+            self._last_send = asyncio.get_running_loop().time()
 
     async def leave(self, room: str, *, timeout: float | None = ROOM_TIMEOUT) -> None:
         """Leave a chat room; once this returns, the server sends no more pushes for it.
@@ -630,6 +674,8 @@ class Client:
             self._ack_due = self._last_recv
         for room in list(self._rooms):
             await self._send_join(transport, room)
+        for product in list(self._bindings.frames):
+            await self._send_bind(transport, product)
         while True:
             now = loop.time()
             if now - self._last_recv >= dead_after:
@@ -673,6 +719,11 @@ class Client:
                 waiter = self._pings.popleft()
                 if waiter is not None and not waiter.done():
                     waiter.set_result(None)
+        elif op == "bound":
+            self._bindings.bound(message["product"])
+        elif op == "unbound":
+            self._bindings.forget(message["product"])
+            log.info("product %s unbound: %s", message["product"], message.get("reason", ""))
         elif op == "reconnect":
             raise MoveHint(message["after_ms"], message["reason"])
         elif op == "error":
@@ -681,6 +732,9 @@ class Client:
                 raise server_error(code, reason)
             if code in FATAL_CODES:
                 raise TransportClosed(code, reason)
+            if code == ErrorCode.BIND_REFUSED and reason.startswith("bind:"):
+                self._bindings.refused(code, reason)
+                return
             if reason.startswith("join:") and self._sent_joins:
                 self._join_refused(self._sent_joins.popleft(), code, reason)
                 return
@@ -696,7 +750,15 @@ class Client:
                     self._queue_acks((msg_id,))
                 return
         message = Message(
-            msg_id, raw["type"], raw["pri"], qos, raw["ts"], raw.get("body"), raw, raw.get("room")
+            msg_id,
+            raw["type"],
+            raw["pri"],
+            qos,
+            raw["ts"],
+            raw.get("body"),
+            raw,
+            raw.get("room"),
+            raw.get("product"),
         )
         if not self._inbox.offer(message):
             if qos == 0:
@@ -772,6 +834,7 @@ class Client:
         for waiters in joining.values():
             for waiter in waiters:
                 _settle(waiter, exc=ConnectionError(f"client stopped: {exc}"))
+        self._bindings.fail(ConnectionError(f"client stopped: {exc}"))
 
     def _check_room(self, op: str, room: str) -> None:
         if self._state == CLOSED:
@@ -794,6 +857,7 @@ class Client:
         self._conn_id = None
         self._set_state(OFFLINE)
         self._sent_joins.clear()
+        self._bindings.connection_lost()
         leaving, self._leaving = self._leaving, {}
         for waiters in leaving.values():  # the membership ended with the connection
             for left in waiters:
