@@ -7,38 +7,36 @@ codes are public API: never rename, only add.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from im.http_errors import (
+    BAD_REQUEST,
+    INTERNAL,
+    METHOD_NOT_ALLOWED,
+    NOT_FOUND,
+    UNAVAILABLE,
+    ApiError,
+    error_body,
+)
+from im.http_errors import code_for_status as _code_for_status
 
-BAD_REQUEST = "bad_request"
-NOT_FOUND = "not_found"
-METHOD_NOT_ALLOWED = "method_not_allowed"
-UNAVAILABLE = "unavailable"
-INTERNAL = "internal"
+__all__ = [
+    "BAD_REQUEST",
+    "CODE_BY_STATUS",
+    "INTERNAL",
+    "METHOD_NOT_ALLOWED",
+    "NOT_FOUND",
+    "UNAVAILABLE",
+    "ApiError",
+    "bad_parameter",
+    "code_for_status",
+    "error_body",
+]
 
 #: Codes for errors that the HTTP layer raises by status alone (routing).
 CODE_BY_STATUS = {400: BAD_REQUEST, 404: NOT_FOUND, 405: METHOD_NOT_ALLOWED, 503: UNAVAILABLE}
 
 
-class ApiError(Exception):
-    """A request failed in a way the caller should hear about, with status and code."""
-
-    def __init__(
-        self, status: int, code: str, message: str, headers: Mapping[str, str] | None = None
-    ) -> None:
-        super().__init__(f"{status} {code}: {message}")
-        self.status = status
-        self.code = code
-        self.message = message
-        self.headers = headers
-
-
-def error_body(code: str, message: str) -> dict:
-    return {"error": {"code": code, "message": message}}
-
-
 def code_for_status(status: int) -> str:
-    """The code of an error known only by its status."""
-    return CODE_BY_STATUS.get(status, INTERNAL if status >= 500 else BAD_REQUEST)
+    return _code_for_status(status, CODE_BY_STATUS)
 
 
 def bad_parameter(name: str, problem: str) -> ApiError:

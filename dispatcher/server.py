@@ -10,6 +10,7 @@ from aiohttp import web
 from dispatcher.api import build_app
 from dispatcher.config import DispatcherConfig
 from dispatcher.nodes import NodeSource, NodeTable
+from im.service import http_url
 
 log = logging.getLogger("dispatcher")
 
@@ -49,10 +50,7 @@ class DispatcherServer:
 
     @property
     def url(self) -> str:
-        if self._bound is None:
-            raise RuntimeError("dispatcher is not started")
-        host, port = self._bound
-        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+        return http_url(self._bound, "dispatcher")
 
     async def close(self) -> None:
         """Stops what start() started; safe to call twice or after a failed start."""

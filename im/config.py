@@ -159,3 +159,11 @@ def load_products(path: str | os.PathLike | None) -> dict[str, Product]:
         )
         return dev_products()
     return parse_products(_read(path))
+
+
+def products_or_exit(path: str | None, prog: str) -> dict[str, Product]:
+    """The products of a service starting up; a bad file ends the process with its reason."""
+    try:
+        return load_products(path)
+    except ConfigError as exc:
+        raise SystemExit(f"{prog}: {exc}") from None

@@ -33,47 +33,23 @@ class Child:
         self.process = subprocess.Popen([sys.executable, "-m", *self.argv])
 
 
+def _rpc_service(module: str, host: str, port: int, metrics_port: int, extra: list[str]) -> Child:
+    """A service with an RPC port and an HTTP /metrics port."""
+    argv = [module, "--host", host, "--port", str(port), "--metrics-port", str(metrics_port)]
+    return Child(module, [*argv, *extra])
+
+
 def plan(args: argparse.Namespace) -> list[Child]:
     host = args.host
     common = ["--config", args.config] if args.config else []
-    register = [
-        "register",
-        "--host",
-        host,
-        "--port",
-        str(args.register_port),
-        "--metrics-port",
-        str(args.register_port + 1),
-    ]
-    if args.redis:
-        register += ["--redis", args.redis]
-    saver_address = f"{host}:{args.register_port + 2}"
-    saver = [
-        "saver",
-        "--host",
-        host,
-        "--port",
-        str(args.register_port + 2),
-        "--metrics-port",
-        str(args.register_port + 3),
-    ]
-    if args.redis:
-        saver += ["--redis", args.redis]
-    coordinator_address = f"{host}:{args.register_port + 4}"
-    coordinator = [
-        "coordinator",
-        "--host",
-        host,
-        "--port",
-        str(args.register_port + 4),
-        "--metrics-port",
-        str(args.register_port + 9),
-        *common,
-    ]
+    redis = ["--redis", args.redis] if args.redis else []
+    base = args.register_port
+    saver_address = f"{host}:{base + 2}"
+    coordinator_address = f"{host}:{base + 4}"
     children = [
-        Child("register", register),
-        Child("saver", saver),
-        Child("coordinator", coordinator),
+        _rpc_service("register", host, base, base + 1, redis),
+        _rpc_service("saver", host, base + 2, base + 3, redis),
+        _rpc_service("coordinator", host, base + 4, base + 9, common),
     ]
     register_address = f"{host}:{args.register_port}"
     for i in range(args.rooms):

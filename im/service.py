@@ -16,6 +16,14 @@ class Service(Protocol):
     async def close(self) -> None: ...
 
 
+def http_url(bound: tuple[str, int] | None, what: str) -> str:
+    """The base URL of an HTTP listener bound to (host, port); IPv6 hosts in brackets."""
+    if bound is None:
+        raise RuntimeError(f"{what} is not started")
+    host, port = bound
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
 def setup_logging() -> None:
     logging.basicConfig(
         level=os.environ.get("IM_LOG_LEVEL", "INFO").upper(),

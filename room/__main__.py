@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 
-from im.config import ConfigError, load_products
+from im.config import products_or_exit
 from im.register_client import RegisterClient
 from im.service import run, setup_logging
 from room.config import from_args
@@ -15,10 +14,7 @@ from room.server import RoomServer
 def main(argv: Sequence[str] | None = None) -> None:
     config = from_args(argv)
     setup_logging()
-    try:
-        products = load_products(config.config)
-    except ConfigError as exc:
-        sys.exit(f"im room: {exc}")
+    products = products_or_exit(config.config, "im room")
 
     async def start() -> RoomServer:
         server = RoomServer(config, products, RegisterClient(config.register), owns_store=True)
