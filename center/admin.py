@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import orjson
@@ -19,6 +19,7 @@ from prometheus_client import Counter
 
 from center.errors import UNAUTHORIZED, UNAVAILABLE, ApiError
 from center.validation import parse_json_object
+from im.config import Product
 from im.switches import SwitchError, Switches, SwitchStore, diff, parse_switches, to_document
 
 log = logging.getLogger("center.admin")
@@ -73,6 +74,8 @@ class AdminApi:
     ) -> None:
         if not admin_key:
             raise ValueError("the admin key must not be empty")
+        if is_business_key(admin_key):  # it would then push too, and be refused here as one
+            raise ValueError("the admin key must differ from every product's api_key")
         self._store = store
         self._key = admin_key.encode()
         self._is_business_key = is_business_key
@@ -147,3 +150,17 @@ def add_admin_routes(
     api = AdminApi(store, admin_key, is_business_key)
     app.router.add_get(PATH, api.get)
     app.router.add_put(PATH, api.put)
+
+
+def business_key_checker(products: Mapping[str, Product]) -> Callable[[str], bool]:
+    """True for any product's API key, compared in constant time over all of them."""
+    keys = [p.api_key.encode() for p in products.values()]
+
+    def is_business_key(token: str) -> bool:
+        given = token.encode()
+        found = False
+        for key in keys:
+            found |= hmac.compare_digest(given, key)
+        return found
+
+    return is_business_key

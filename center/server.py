@@ -7,16 +7,16 @@ only ones that can read it; with Kafka, workers may also run as their own proces
 
 from __future__ import annotations
 
-import hmac
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import cast
 
 from aiohttp import web
 
-from center.admin import add_admin_routes
+from center.admin import add_admin_routes, business_key_checker
 from center.api import Publisher, build_app
 from center.config import GROUP, CenterConfig
+from center.console import add_console_routes
 from center.jobs import PUSH_PARTITIONS, PUSH_TOPIC
 from center.push import Directory, RoomCaller
 from center.storage import Storage
@@ -24,6 +24,7 @@ from center.worker import FanoutWorker
 from im.bus import Bus, open_bus
 from im.config import Product
 from im.saver_client import SaverClient
+from im.service import http_url
 from im.sessions import SessionStore
 from im.switches import SwitchStore
 from im.switches_feed import SwitchesFeed
@@ -32,19 +33,6 @@ log = logging.getLogger("center")
 
 #: How long close() lets requests in flight finish.
 SHUTDOWN_GRACE_S = 5.0
-
-
-def _business_keys(products: Mapping[str, Product]) -> Callable[[str], bool]:
-    keys = [p.api_key.encode() for p in products.values()]
-
-    def is_business_key(token: str) -> bool:
-        given = token.encode()
-        found = False
-        for key in keys:  # no early exit: the time taken says nothing about which key
-            found |= hmac.compare_digest(given, key)
-        return found
-
-    return is_business_key
 
 
 class CenterServer:
@@ -97,9 +85,10 @@ class CenterServer:
             directory, publisher, products, storage, self._caller, max_body=config.max_body
         )
         if admin_key is not None and switch_store is not None:
-            add_admin_routes(self._app, switch_store, admin_key, _business_keys(products))
+            add_admin_routes(self._app, switch_store, admin_key, business_key_checker(products))
         else:
             log.warning("admin API off: no admin_key in the config (switches cannot be changed)")
+        add_console_routes(self._app, store, switch_store, publisher, products, admin_key)
         self._runner: web.AppRunner | None = None
         self._started = False
         self._bound: tuple[str, int] | None = None
@@ -142,10 +131,7 @@ class CenterServer:
 
     @property
     def url(self) -> str:
-        if self._bound is None:
-            raise RuntimeError("center is not started")
-        host, port = self._bound
-        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+        return http_url(self._bound, "center")
 
     async def close(self) -> None:
         """Stops what start() started; safe to call twice or after a failed start."""

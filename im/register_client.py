@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from im.rpc.service import EngineClient
-from im.sessions import Node, RoomCount, Session
+from im.sessions import Node, RoomCount, RoomLoad, Session, check_top_limit
 
 NAME = "register"
 
@@ -38,6 +38,10 @@ class RegisterClient(EngineClient):
 
     async def room_instances(self, product: str, room: str) -> dict[str, int]:
         return await self._call("rooms.instances", [product, room])
+
+    async def top_rooms(self, limit: int) -> list[RoomLoad]:
+        rows = await self._call("rooms.top", check_top_limit(limit))
+        return [RoomLoad.from_wire(row) for row in rows]
 
     async def put_node(self, node: Node, ttl: float) -> str:
         # A register older than epochs answers None: "" never looks like lost data.

@@ -8,8 +8,9 @@ callers never know which.
 
 from __future__ import annotations
 
+import heapq
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -40,8 +41,8 @@ class Node:
 
     instance: str
     rpc: str  # host:port of the instance's internal RPC listener
-    ws: str = ""  # ws://host:port/ws
-    tcp: str = ""  # host:port
+    ws: str = ""  # ws://host:port/ws, wss:// with TLS
+    tcp: str = ""  # host:port; tcps://host:port when the listener is TLS
     idc: str = "default"
     conns: int = 0
     isp: str = ""  # network (carrier) tag; "" = any
@@ -161,6 +162,44 @@ def checked_rooms(rooms: Sequence[RoomCount]) -> list[RoomCount]:
     return checked
 
 
+#: Most rooms one `top_rooms` call answers: the console shows the biggest, not a catalogue.
+MAX_TOP_ROOMS = 100
+
+
+@dataclass(frozen=True, slots=True)
+class RoomLoad:
+    """One chat room's members per live instance, for the operators' list of big rooms."""
+
+    product: str
+    room: str
+    instances: Mapping[str, int]
+
+    @property
+    def members(self) -> int:
+        return sum(self.instances.values())
+
+    def to_wire(self) -> list:
+        return [self.product, self.room, dict(self.instances)]
+
+    @classmethod
+    def from_wire(cls, fields: Sequence) -> RoomLoad:
+        product, room, instances = fields
+        return cls(product, room, {str(k): int(v) for k, v in instances.items()})
+
+
+def check_top_limit(limit: object) -> int:
+    """The `limit` of a top_rooms call, or ValueError: a bounded answer is the point."""
+    if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= MAX_TOP_ROOMS:
+        raise ValueError(f"limit must be an integer from 1 to {MAX_TOP_ROOMS}, got {limit!r}")
+    return limit
+
+
+def ranked(rooms: Iterable[RoomLoad], limit: int) -> list[RoomLoad]:
+    """The `limit` rooms with the most members, most first, ties by product and room."""
+    live = (r for r in rooms if r.members > 0)
+    return heapq.nsmallest(limit, live, key=lambda r: (-r.members, r.product, r.room))
+
+
 class SessionStore(Protocol):
     """Sessions per (product, uid), room member counts per (product, room) and instance,
     and the node table, each entry with a lease.
@@ -187,6 +226,12 @@ class SessionStore(Protocol):
     async def room_instances(self, product: str, room: str) -> dict[str, int]:
         """Member count per instance whose entry in the room is live; {} for an unknown room.
         The room's total is the sum: each instance counts only its own members."""
+
+    async def top_rooms(self, limit: int) -> list[RoomLoad]:
+        """The `limit` (1 to MAX_TOP_ROOMS, else ValueError) rooms with the most members
+        across live instances, most first, each with its count per instance. Counts are
+        read fresh; the Redis engine picks the rooms by the totals their writers last saw,
+        so a room whose instance died may rank by its old total until its next write."""
 
     async def put_node(self, node: Node, ttl: float) -> str:
         """Add or renew a room instance's lease, and return the store's epoch: a random token

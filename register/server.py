@@ -7,7 +7,7 @@ from typing import Any
 
 from im.rpc import RpcError
 from im.rpc.service import EngineService
-from im.sessions import Node, Session, SessionStore
+from im.sessions import Node, Session, SessionStore, check_top_limit
 from im.switches import SwitchError, SwitchStore, parse_switches
 from register.config import RegisterConfig
 from register.engines.switches_memory import MemorySwitchStore
@@ -37,6 +37,7 @@ class RegisterServer(EngineService):
             "sessions.lookup": self._lookup,
             "rooms.put": self._put_rooms,
             "rooms.instances": self._room_instances,
+            "rooms.top": self._top_rooms,
             "nodes.put": self._put_node,
             "nodes.remove": self._remove_node,
             "nodes.list": self._nodes,
@@ -89,6 +90,10 @@ class RegisterServer(EngineService):
     async def _room_instances(self, params: Any) -> dict[str, int]:
         product, room = params
         return await self.store.room_instances(product, room)
+
+    async def _top_rooms(self, params: Any) -> list[list]:
+        rooms = await self.store.top_rooms(check_top_limit(params))
+        return [load.to_wire() for load in rooms]
 
     async def _put_node(self, params: Any) -> str:
         fields, ttl = params

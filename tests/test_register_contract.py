@@ -12,7 +12,7 @@ import redis.asyncio as aioredis
 
 from im.register_client import RegisterClient
 from im.rpc import RpcClient, RpcError
-from im.sessions import Node, Session, SessionStore
+from im.sessions import MAX_TOP_ROOMS, Node, RoomLoad, Session, SessionStore
 from register.config import RegisterConfig
 from register.engines.memory import MemoryStore
 from register.engines.redis import RedisStore
@@ -373,6 +373,58 @@ async def test_bad_room_rows_are_refused_whole(
     assert await store.room_instances("live", "ok") == {}
 
 
+async def test_top_rooms_ranks_by_members_across_instances(store: SessionStore) -> None:
+    await store.put_rooms("room-1", [("live", "big", 4), ("live", "mid", 5), ("live", "s", 1)], TTL)
+    await store.put_rooms("room-2", [("live", "big", 3), ("other", "mid", 6)], TTL)
+    top = await store.top_rooms(3)
+    assert [(r.product, r.room, r.members) for r in top] == [
+        ("live", "big", 7),
+        ("other", "mid", 6),
+        ("live", "mid", 5),
+    ]
+    assert top[0] == RoomLoad("live", "big", {"room-1": 4, "room-2": 3})
+    assert [r.room for r in await store.top_rooms(MAX_TOP_ROOMS)] == ["big", "mid", "mid", "s"]
+
+
+async def test_top_rooms_follow_count_changes_and_leave_out_empty_rooms(
+    store: SessionStore,
+) -> None:
+    await store.put_rooms("room-1", [("live", "a", 9), ("live", "b", 2)], TTL)
+    await store.put_rooms("room-1", [("live", "a", 1), ("live", "b", 8)], TTL)
+    assert [(r.room, r.members) for r in await store.top_rooms(2)] == [("b", 8), ("a", 1)]
+    await store.put_rooms("room-1", [("live", "b", 0)], TTL)
+    assert [(r.room, r.members) for r in await store.top_rooms(2)] == [("a", 1)]
+
+
+async def test_top_rooms_leave_out_expired_instances(store: SessionStore) -> None:
+    await store.put_rooms("room-1", [("live", "a", 5), ("live", "gone", 9)], 0.2)
+    await store.put_rooms("room-2", [("live", "a", 2)], TTL)
+    await asyncio.sleep(0.3)
+    assert await store.top_rooms(5) == [RoomLoad("live", "a", {"room-2": 2})]
+
+
+@pytest.mark.parametrize("limit", [0, -1, MAX_TOP_ROOMS + 1, 2.0, "3", True, None])
+async def test_top_rooms_limit_is_bounded(store: SessionStore, limit: object) -> None:
+    with pytest.raises(ValueError, match="limit"):
+        await store.top_rooms(limit)  # type: ignore[arg-type]
+
+
+async def test_register_server_answers_a_bad_top_rooms_limit_with_bad_request() -> None:
+    server = RegisterServer(RegisterConfig(port=0, metrics_port=0), MemoryStore())
+    await server.start()
+    client = RpcClient(server.rpc.address)
+    try:
+        await client.call("rooms.put", ["room-1", [["live", "r1", 2]], TTL])
+        assert await client.call("rooms.top", 1) == [["live", "r1", {"room-1": 2}]]
+        for bad in (0, MAX_TOP_ROOMS + 1, "1", [1]):
+            with pytest.raises(RpcError) as caught:
+                await client.call("rooms.top", bad)
+            assert caught.value.code == "bad_request"
+    finally:
+        await client.close()
+        await server.close()
+
+
 async def test_memory_sweep_drops_expired_users_nobody_looks_up() -> None:
     store = MemoryStore()
     await store.put_sessions([Session("chat", f"u{i}", "c", "room-1") for i in range(500)], 0.05)
@@ -576,4 +628,34 @@ async def test_redis_reads_node_rows_of_older_instances(
     assert await store.nodes() == [
         Node("room-old", "127.0.0.1:7009", "ws://h:1/ws", "h:2", "sh", 4)
     ]
+    await store.close()
+
+
+async def test_redis_top_rooms_index_shares_one_slot_and_answers_fresh_counts(
+    redis_url: str, raw_redis: aioredis.Redis
+) -> None:
+    store = RedisStore(redis_url)
+    await store.put_rooms("room-1", [("live", "a", 10)], 0.2)
+    await store.put_rooms("room-2", [("live", "a", 1), ("live", "b", 5)], TTL)
+    keys = {key async for key in raw_redis.scan_iter(match="im:top:*")}
+    assert keys == {b"im:top:{im}:totals", b"im:top:{im}:leases"}
+    assert await raw_redis.zscore("im:top:{im}:totals", msgpack.packb(["live", "a"])) == 11
+    await asyncio.sleep(0.3)
+    # The index still ranks "a" by its old total of 11; the answer reads it fresh.
+    assert await store.top_rooms(2) == [
+        RoomLoad("live", "b", {"room-2": 5}),
+        RoomLoad("live", "a", {"room-2": 1}),
+    ]
+    await store.close()
+
+
+async def test_redis_top_rooms_prunes_rooms_whose_leases_ended(
+    redis_url: str, raw_redis: aioredis.Redis
+) -> None:
+    store = RedisStore(redis_url)
+    await store.put_rooms("room-1", [("live", f"r{i}", i + 1) for i in range(20)], 0.1)
+    await asyncio.sleep(0.2)
+    assert await store.top_rooms(5) == []
+    assert await raw_redis.zcard("im:top:{im}:totals") == 0
+    assert await raw_redis.zcard("im:top:{im}:leases") == 0
     await store.close()

@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
-from im.sessions import Node, RoomCount, Session, checked_rooms
+from im.sessions import Node, RoomCount, RoomLoad, Session, check_top_limit, checked_rooms, ranked
 
 # Keys (users, rooms) examined by the amortised sweep per row stored, and at least per call:
 # each put pays for sweeping more keys than it can add, so expired keys never pile up.
@@ -110,6 +110,16 @@ class MemoryStore:
             return {}
         _drop_expired_room(self._rooms, key, instances, time.monotonic())
         return {instance: count for instance, (count, _) in instances.items()}
+
+    async def top_rooms(self, limit: int) -> list[RoomLoad]:
+        check_top_limit(limit)
+        now = time.monotonic()
+        loads = (
+            RoomLoad(product, room, live)
+            for (product, room), instances in self._rooms.items()
+            if (live := {i: count for i, (count, expiry) in instances.items() if expiry > now})
+        )
+        return ranked(loads, limit)
 
     async def put_node(self, node: Node, ttl: float) -> str:
         _check_ttl(ttl)

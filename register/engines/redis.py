@@ -9,14 +9,20 @@ own TTL follows the longest lease so an abandoned user or room disappears whole.
 are taken from the Redis server clock inside the scripts, so every writer and reader
 agrees on them.
 
+The index of big rooms is two sorted sets under one hash tag, `<prefix>:top:{<prefix>}:totals`
+(member msgpack [product, room], score the room's total as its last writer counted it) and
+`...:leases` (same members, score the expiry in ms); `top_rooms` reads the largest totals
+from it and then the rooms' own hashes, so the counts it answers are fresh.
+
 The node table is one hash, `<prefix>:nodes`, field instance -> msgpack [expiry_ms, rpc, ws,
 tcp, idc, conns, isp, max_conns, conn_rate, max_conn_rate, draining], every value as text
 (draining as 1 or 0); rows of older instances end after conns. The store's epoch is the key
 `<prefix>:epoch`, a random token set only if missing and never expiring: a Redis that lost
 its data has lost it too, and the next node renewal makes a new one.
 
-Batches cost one round trip: one pipeline of single-key commands, never a script over
-several users or rooms (their keys sit in different cluster slots). A call whose pooled connection
+Batches cost one round trip (put_rooms two: the index takes the totals the room hashes
+answer): one pipeline of single-key commands, never a script over several users or rooms
+(their keys sit in different cluster slots). A call whose pooled connection
 turns out dead (Redis restarted) is sent once more on a new one; other Redis errors, and a
 Redis that stays down, propagate to the caller.
 """
@@ -32,7 +38,15 @@ from typing import Any
 import msgpack
 
 from im.redis_pool import Script, open_redis, run_pipelined, script
-from im.sessions import Node, RoomCount, Session, checked_rooms
+from im.sessions import (
+    Node,
+    RoomCount,
+    RoomLoad,
+    Session,
+    check_top_limit,
+    checked_rooms,
+    ranked,
+)
 
 # ARGV: ttl_ms, width, then groups of (field, width values); each value becomes the msgpack
 # array [expiry_ms, values...]. The key's TTL is raised to the lease, never lowered.
@@ -52,18 +66,57 @@ return 0
 
 # ARGV: ttl_ms, instance, count. A count of 0 deletes the instance's field; otherwise the field
 # becomes [expiry_ms, count] (count a msgpack integer) and the key's TTL is raised as in _PUT.
+# Returns the room's live total after the write, for the index of big rooms.
 _PUT_COUNT = """
 local ttl = tonumber(ARGV[1])
 local count = tonumber(ARGV[3])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 if count == 0 then
   redis.call('HDEL', KEYS[1], ARGV[2])
-  return 0
+else
+  redis.call('HSET', KEYS[1], ARGV[2], cmsgpack.pack({now + ttl, count}))
+  if redis.call('PTTL', KEYS[1]) < ttl then redis.call('PEXPIRE', KEYS[1], ttl) end
 end
+local total = 0
+for _, value in ipairs(redis.call('HVALS', KEYS[1])) do
+  local entry = cmsgpack.unpack(value)
+  if entry[1] > now then total = total + entry[2] end
+end
+return total
+"""
+
+# KEYS: the index's totals and leases (sorted sets). ARGV: ttl_ms, then pairs of (member,
+# total). A total of 0 takes the room out; otherwise its total is set and its lease raised.
+_INDEX = """
+local ttl = tonumber(ARGV[1])
 local t = redis.call('TIME')
 local expiry = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + ttl
-redis.call('HSET', KEYS[1], ARGV[2], cmsgpack.pack({expiry, count}))
-if redis.call('PTTL', KEYS[1]) < ttl then redis.call('PEXPIRE', KEYS[1], ttl) end
+for i = 2, #ARGV, 2 do
+  local total = tonumber(ARGV[i + 1])
+  if total == 0 then
+    redis.call('ZREM', KEYS[1], ARGV[i])
+    redis.call('ZREM', KEYS[2], ARGV[i])
+  else
+    redis.call('ZADD', KEYS[1], total, ARGV[i])
+    local lease = tonumber(redis.call('ZSCORE', KEYS[2], ARGV[i]) or 0)
+    if lease < expiry then redis.call('ZADD', KEYS[2], expiry, ARGV[i]) end
+  end
+end
 return 0
+"""
+
+# KEYS as in _INDEX. ARGV: how many rooms, most expired leases dropped first. Returns the
+# members of the rooms with the largest totals, largest first.
+_TOP = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local expired = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, tonumber(ARGV[2]))
+for _, member in ipairs(expired) do
+  redis.call('ZREM', KEYS[1], member)
+  redis.call('ZREM', KEYS[2], member)
+end
+return redis.call('ZREVRANGE', KEYS[1], 0, tonumber(ARGV[1]) - 1)
 """
 
 # Returns the live fields as a flat [field, value, ...] list and deletes the expired ones.
@@ -94,7 +147,15 @@ return redis.call('GET', KEYS[1])
 _PUT_SCRIPT = script(_PUT)
 _PUT_COUNT_SCRIPT = script(_PUT_COUNT)
 _READ_SCRIPT = script(_READ)
+_INDEX_SCRIPT = script(_INDEX)
+_TOP_SCRIPT = script(_TOP)
 _EPOCH_SCRIPT = script(_EPOCH)
+
+#: Candidates a top_rooms call reads per room asked for: an index total can be stale (an
+#: instance died since it was written), so a few more are read fresh and ranked again.
+_TOP_CANDIDATES = 2
+#: Expired index entries one top_rooms call removes at most; the rest go on later calls.
+_TOP_PRUNE = 1000
 
 
 def _escape(part: str) -> str:
@@ -124,6 +185,11 @@ class RedisStore:
         self._prefix = prefix
         self._nodes_key = f"{prefix}:nodes"
         self._epoch_key = f"{prefix}:epoch"
+        # One hash tag, so the index's two sorted sets share a Cluster slot for one script.
+        self._index_keys = (
+            f"{prefix}:top:{{{prefix}}}:totals",
+            f"{prefix}:top:{{{prefix}}}:leases",
+        )
 
     def user_key(self, product: str, uid: str) -> str:
         return f"{self._prefix}:s:{{{_escape(product)}:{_escape(uid)}}}"
@@ -164,17 +230,42 @@ class RedisStore:
         return found
 
     async def put_rooms(self, instance: str, rooms: Sequence[RoomCount], ttl: float) -> None:
+        """Two round trips: the room hashes answer their totals, then the index takes them
+        (one script on one key pair, so the layout stays Cluster-ready)."""
         ttl_ms = _ttl_ms(ttl)
-        await self._eval_many(
+        rows = checked_rooms(rooms)
+        totals = await self._eval_many(
             [
                 (_PUT_COUNT_SCRIPT, self.room_key(product, room), (ttl_ms, instance, count))
-                for product, room, count in checked_rooms(rooms)
+                for product, room, count in rows
             ]
         )
+        if not rows:
+            return
+        args: list[Any] = [ttl_ms]
+        for (product, room, _), total in zip(rows, totals, strict=True):
+            args += (msgpack.packb([product, room]), total)
+        await run_pipelined(self._redis, [(_INDEX_SCRIPT, self._index_keys, args)])
 
     async def room_instances(self, product: str, room: str) -> dict[str, int]:
         (flat,) = await self._eval_many([(_READ_SCRIPT, self.room_key(product, room), ())])
         return {instance: int(count) for instance, (_, count) in _pairs(flat)}
+
+    async def top_rooms(self, limit: int) -> list[RoomLoad]:
+        check_top_limit(limit)
+        want = limit * _TOP_CANDIDATES
+        (members,) = await run_pipelined(
+            self._redis, [(_TOP_SCRIPT, self._index_keys, (want, _TOP_PRUNE))]
+        )
+        pairs = [msgpack.unpackb(member, raw=False) for member in members]
+        reads = await self._eval_many(
+            [(_READ_SCRIPT, self.room_key(product, room), ()) for product, room in pairs]
+        )
+        loads = (
+            RoomLoad(product, room, {i: int(count) for i, (_, count) in _pairs(flat)})
+            for (product, room), flat in zip(pairs, reads, strict=True)
+        )
+        return ranked(loads, limit)
 
     async def put_node(self, node: Node, ttl: float) -> str:
         wire = [int(value) if isinstance(value, bool) else value for value in node.to_wire()]
