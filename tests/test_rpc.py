@@ -301,7 +301,7 @@ async def test_many_concurrent_calls_run_concurrently_on_one_connection(
         *(client.call("sleep", {"delay": 0.1, "tag": i}) for i in range(2000))
     )
     assert results == list(range(2000))
-    assert time.perf_counter() - started < 1.5  # serially this would take 200 s
+    assert time.perf_counter() - started < 20  # serially 200 s; concurrently ~0.1 s + load
     assert len(server._conns) == 1
 
 
