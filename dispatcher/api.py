@@ -113,6 +113,9 @@ class Api:
         finally:
             REQUESTS.labels(result).inc()
             REQUEST_SECONDS.observe(time.perf_counter() - started)
+        # Clients call the route from pages of any site (the browser SDK); it is public and
+        # takes no credentials, so any origin may read it. The rest of the API stays closed.
+        response.headers["Access-Control-Allow-Origin"] = "*"
         return response
 
     async def _route(self, request: web.Request) -> tuple[str, web.Response]:

@@ -121,6 +121,7 @@ async def test_a_user_gets_every_instance_with_a_sticky_first_choice(
     status, body, response = await get(http, server, "/v1/route", product="p", uid="u1")
     assert status == 200
     assert response.headers["Cache-Control"] == "no-store"
+    assert response.headers["Access-Control-Allow-Origin"] == "*"  # pages of any site
     assert sorted(body["addresses"]) == [ws("r0"), ws("r1"), ws("r2")]
     assert body["ttl_s"] == ROUTE_TTL_S
     for _ in range(3):
@@ -330,8 +331,9 @@ async def test_healthz_and_openapi(
 ) -> None:
     await feed(node("r0"), node("r1"))
     server = await start()
-    status, body, _ = await get(http, server, "/healthz")
+    status, body, response = await get(http, server, "/healthz")
     assert (status, body) == (200, {"status": "ok", "nodes": 2})
+    assert "Access-Control-Allow-Origin" not in response.headers  # only the route is open
     status, document, _ = await get(http, server, "/openapi.json")
     assert status == 200
     assert document["openapi"].startswith("3.0.")
