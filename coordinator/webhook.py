@@ -22,10 +22,10 @@ import aiohttp
 from coordinator import metrics
 from coordinator.batching import Batch, ProductQueue
 from coordinator.config import CoordinatorConfig
-from coordinator.lograte import Throttled
 from coordinator.retry import Verdict, backoff_s, retry_after_s, verdict
 from im.config import Product
 from im.ids import new_id
+from im.lograte import Throttled
 
 log = logging.getLogger("im.coordinator")
 

@@ -542,3 +542,20 @@ def test_works_on_uvloop() -> None:
             await server.close()
 
     uvloop.run(scenario())
+
+
+async def test_a_store_outage_is_unavailable_and_logged_once_in_a_while(caplog) -> None:
+    from redis.exceptions import BusyLoadingError
+
+    from im.rpc.service import refusing_bad_values
+
+    async def loading(params: Any) -> Any:
+        raise BusyLoadingError("Redis is loading the dataset in memory")
+
+    handler = refusing_bad_values(loading)
+    for _ in range(3):
+        with pytest.raises(RpcError) as info:
+            await handler(None)
+        assert info.value.code == "unavailable" and "loading" in info.value.message
+    outages = [r for r in caplog.records if "store unavailable" in r.getMessage()]
+    assert len(outages) == 1 and outages[0].exc_info is None  # one line, no traceback

@@ -11,23 +11,35 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from aiohttp import web
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from im.lograte import Throttled
 from im.metrics import CONTENT_TYPE_LATEST, exposition
 from im.rpc.client import RpcClient
 from im.rpc.server import Handler, RpcServer
-from im.rpc.wire import TOO_LARGE, UNENCODABLE, RpcError
+from im.rpc.wire import TOO_LARGE, UNAVAILABLE, UNENCODABLE, RpcError
 
 log = logging.getLogger("im.rpc")
+#: A store outage is logged at most this often per method, not once per call.
+OUTAGE_LOG_S = 5.0
 
 
 def refusing_bad_values(handler: Handler) -> Handler:
-    """Params of the wrong shape, or values the engine refuses, are the caller's fault."""
+    """Params of the wrong shape, or values the engine refuses, are the caller's fault; a
+    store that cannot be reached (its Redis restarting or loading) is `unavailable`, which
+    callers retry, and is logged once in a while rather than with a traceback per call."""
+
+    outages = Throttled(log, interval=OUTAGE_LOG_S)
 
     async def call(params: Any) -> Any:
         try:
             return await handler(params)
         except (ValueError, TypeError) as exc:
             raise RpcError("bad_request", str(exc)) from None
+        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            outages.warning("store", "store unavailable: %s: %s", type(exc).__name__, exc)
+            raise RpcError(UNAVAILABLE, f"store unavailable: {exc}") from None
 
     return call
 
