@@ -121,6 +121,8 @@ def plan(args: argparse.Namespace) -> list[Child]:
                         host,
                         "--metrics-port",
                         str(args.register_port + 5 + i),
+                        "--session-timeout-s",
+                        str(args.worker_session_timeout_s),
                     ],
                 )
             )
@@ -172,6 +174,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument(
         "--workers", type=int, default=1, help="fan-out worker processes with --kafka (default 1)"
+    )
+    parser.add_argument(
+        "--worker-session-timeout-s",
+        type=float,
+        default=3.0,
+        help="Kafka group session of the worker processes: how soon a dead worker's "
+        "partitions move to the others (default 3 s on one machine)",
     )
     args = parser.parse_args(argv)
     if args.rooms < 1:
