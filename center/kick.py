@@ -30,7 +30,7 @@ def parse_kick(raw: bytes) -> tuple[str, str | None]:
     if not isinstance(reason, str) or not 0 < len(reason) <= MAX_REASON:
         raise invalid_field("reason", f"must be a string of 1 to {MAX_REASON} characters")
     device = document.get("device")
-    if device is not None and (not isinstance(device, str) or len(device) > 128):
+    if "device" in document and (not isinstance(device, str) or len(device) > 128):
         raise invalid_field("device", "must be a string of at most 128 characters")
     return reason, device
 

@@ -58,11 +58,14 @@ def check_idempotency_key(value: str | None) -> str | None:
     if value is None:
         return None
     key = value.strip()
-    if not 0 < len(key) <= MAX_IDEMPOTENCY_KEY or not key.isprintable():
+    # ASCII only: HTTP leaves other header bytes undefined (obs-text), so keys would not
+    # round-trip between clients.
+    if not 0 < len(key) <= MAX_IDEMPOTENCY_KEY or not (key.isascii() and key.isprintable()):
         raise ApiError(
             400,
             INVALID_FIELD,
-            f"header 'Idempotency-Key' must be 1 to {MAX_IDEMPOTENCY_KEY} printable characters",
+            f"header 'Idempotency-Key' must be 1 to {MAX_IDEMPOTENCY_KEY} printable ASCII "
+            "characters",
         )
     return key
 

@@ -48,9 +48,12 @@ class Plan:
 
 
 def address(node: Node, transport: str) -> str:
-    """The URL a client dials for `node` over `transport`; "" when it does not serve it."""
+    """The URL a client dials for `node` over `transport`; "" when it does not serve it. A
+    TLS listener publishes its TCP address with its scheme (tcps://), a plain one without."""
     if transport == "tcp":
-        return f"tcp://{node.tcp}" if node.tcp else ""
+        if not node.tcp or "://" in node.tcp:
+            return node.tcp
+        return f"tcp://{node.tcp}"
     return node.ws
 
 

@@ -77,6 +77,39 @@ def _dev_cert(argv: Sequence[str]) -> int:
     return 0
 
 
+def _secure_key(argv: Sequence[str]) -> int:
+    import os
+
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+    from cryptography.hazmat.primitives.serialization import (
+        Encoding,
+        NoEncryption,
+        PrivateFormat,
+    )
+
+    from im.protocol.secure import public_bytes
+
+    parser = argparse.ArgumentParser(
+        prog="im secure-key",
+        description="Write a new static key for the encrypted channel (room --secure-key) "
+        "and print its public half, which clients are configured with.",
+    )
+    parser.add_argument("--out", required=True, help="file for the private key (hex, mode 0600)")
+    args = parser.parse_args(argv)
+    key = X25519PrivateKey.generate()
+    private = key.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
+    try:
+        # O_EXCL: a gateway's identity is never overwritten by accident.
+        fd = os.open(args.out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(private.hex() + "\n")
+    except OSError as exc:
+        print(f"im secure-key: {args.out}: {exc.strerror}", file=sys.stderr)
+        return 2
+    print(public_bytes(key).hex())
+    return 0
+
+
 def _up(argv: Sequence[str]) -> int:
     from im.launcher import main as up
 
@@ -85,16 +118,17 @@ def _up(argv: Sequence[str]) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = ["up", "token", "switch", "drain", "dev-cert", *SERVICES]
+    commands = ["up", "token", "switch", "drain", "dev-cert", "secure-key", *SERVICES]
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
         print(
-            "usage: im {up,token,switch,drain,dev-cert,room,center,worker,register,saver,"
-            "dispatcher,coordinator} [options]\n\n"
+            "usage: im {up,token,switch,drain,dev-cert,secure-key,room,center,worker,register,"
+            "saver,dispatcher,coordinator} [options]\n\n"
             "  up        start register, center and room instances (embedded engines by default)\n"
             "  token     print a client token for a product and uid\n"
             "  switch    get or set the live switches (big rooms, budgets, IDC limits)\n"
             "  drain     move a room instance's clients elsewhere, then stop it\n"
             "  dev-cert  write a self-signed TLS certificate and key for development\n"
+            "  secure-key write a key for the encrypted channel; prints the clients' public key\n"
             "  room      run one room gateway instance\n"
             "  center    run the business HTTP API (and its fan-out workers)\n"
             "  worker    run a fan-out worker on Kafka (im worker --brokers HOST:PORT)\n"
@@ -113,6 +147,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _token(rest)
     if command == "dev-cert":
         return _dev_cert(rest)
+    if command == "secure-key":
+        return _secure_key(rest)
     if command == "drain":
         from im.drain_cli import main as drain
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from im import settings
 from im.rpc.client import parse_address
+from room.limits import networks
 
 BASE_WS_PORT = 8090
 
@@ -128,6 +129,67 @@ class RoomConfig:
     up_rate: float = field(
         default=20.0, metadata={"help": "up frames per second per connection (bursts of 2x)"}
     )
+    tls_cert: str | None = field(
+        default=None,
+        metadata={"help": "PEM certificate chain: TLS on both listeners (wss://, tcps://)"},
+    )
+    tls_key: str | None = field(default=None, metadata={"help": "PEM key of --tls-cert"})
+    tls_reload_s: float = field(
+        default=30.0, metadata={"help": "how often to look for a renewed certificate, seconds"}
+    )
+    secure_key: str | None = field(
+        default=None,
+        metadata={
+            "help": "file with the hex X25519 private key (`im secure-key`): enables the "
+            "encrypted channel for clients without TLS"
+        },
+    )
+    max_conns_per_ip: int = field(
+        default=1000,
+        metadata={"help": "open connections from one address, IPv6 by /64 (4018; 0 = no limit)"},
+    )
+    conn_rate_per_ip: float = field(
+        default=50.0,
+        metadata={
+            "help": "new connections a second from one address, bursts of 2x (4019; 0 = off)"
+        },
+    )
+    limit_exempt: str = field(
+        default="127.0.0.0/8,::1/128",
+        metadata={
+            "help": "comma-separated CIDRs the per-address limits skip (a local proxy's "
+            "clients all share its address)"
+        },
+    )
+    ip_allow: str = field(
+        default="",
+        metadata={"help": "comma-separated CIDRs allowed to connect; empty = any (4020)"},
+    )
+    ip_deny: str = field(
+        default="",
+        metadata={"help": "comma-separated CIDRs refused; wins over --ip-allow (4020)"},
+    )
+    frame_rate: float = field(
+        default=200.0,
+        metadata={
+            "help": "frames per second one connection may send, bursts of 2x (4021; 0 = no limit)"
+        },
+    )
+    handshake_timeout_s: float = field(
+        default=5.0,
+        metadata={"help": "seconds for the TLS handshake and the WebSocket request head (4022)"},
+    )
+    slow_sender_s: float = field(
+        default=15.0,
+        metadata={"help": "seconds a started frame may take to arrive whole (4022)"},
+    )
+    slow_reader_s: float = field(
+        default=30.0,
+        metadata={"help": "seconds a client's socket may stay too full to write to (4008)"},
+    )
+    max_http_head: int = field(
+        default=8192, metadata={"help": "largest WebSocket request head, bytes (HTTP 431)"}
+    )
 
     def __post_init__(self) -> None:
         if self.ws_port is None:
@@ -146,6 +208,19 @@ class RoomConfig:
             raise ValueError("up_rate must be > 0")
         if self.coordinator:
             parse_address(self.coordinator)
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together: give both or neither")
+        for name in ("tls_reload_s", "handshake_timeout_s", "slow_sender_s", "slow_reader_s"):
+            if not 0 < getattr(self, name) < math.inf:
+                raise ValueError(f"{name} must be a positive number of seconds")
+        if self.max_conns_per_ip < 0 or not 0 <= self.conn_rate_per_ip < math.inf:
+            raise ValueError("max_conns_per_ip and conn_rate_per_ip must be >= 0 (0 = no limit)")
+        if not 0 <= self.frame_rate < math.inf:
+            raise ValueError("frame_rate must be >= 0 (0 = no limit)")
+        if self.max_http_head < 256:
+            raise ValueError("max_http_head must be at least 256 bytes")
+        for name in ("limit_exempt", "ip_allow", "ip_deny"):
+            networks(getattr(self, name), name)
 
     @property
     def idle_timeout_s(self) -> float:

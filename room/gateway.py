@@ -23,6 +23,7 @@ from im.protocol.codec import Encoding, encode
 from im.protocol.errors import ErrorCode, ProtocolError
 from im.protocol.framing import frame
 from im.protocol.messages import PRIORITY_INDEX, validate_client, validate_server
+from im.protocol.secure import ServerHandshake
 from im.protocol.ws_handshake import http_response
 from im.rpc import RpcError
 from im.sessions import Node, NodeRenewal, Session, SessionStore
@@ -36,6 +37,7 @@ from room.connection import (
     AUTH_WAIT,
     AUTHING,
     CLOSED,
+    HELLO_WAIT,
     ONLINE,
     OPENING,
     TCP,
@@ -45,6 +47,7 @@ from room.connection import (
 )
 from room.deadlines import DeadlineWheel
 from room.drain import Drain
+from room.limits import Limits, LimitSettings
 from room.queues import Outcome
 from room.replace import Replacer
 from room.stats import RoomStats
@@ -61,7 +64,13 @@ _ENCODERS = {
 MAX_KICK = 10_000
 MAX_REASON = 200
 MAX_DRAIN_S = 3600.0
-_STATE_NAMES = {OPENING: "handshake", AUTH_WAIT: "auth_wait", AUTHING: "authing", ONLINE: "online"}
+_STATE_NAMES = {
+    OPENING: "handshake",
+    HELLO_WAIT: "handshake",
+    AUTH_WAIT: "auth_wait",
+    AUTHING: "authing",
+    ONLINE: "online",
+}
 
 
 class Gateway:
@@ -90,6 +99,8 @@ class Gateway:
         self._to_remove: list[Session] = []
         self._register_task: asyncio.Task | None = None
         self._loop = asyncio.get_running_loop()
+        self.limits = Limits(LimitSettings.from_config(config), self._loop.time)
+        self.secure: ServerHandshake | None = None  # the encrypted channel, when keyed
         self._pong = {kind: enc({"op": "pong"}) for kind, enc in _ENCODERS.items()}
         self.switches_feed = SwitchesFeed(store, interval=config.switches_poll_s)
         self.rooms = ChatRooms(self)
@@ -115,11 +126,18 @@ class Gateway:
         if not self.accepting:
             conn.close(ErrorCode.SERVER_SHUTDOWN, "instance is shutting down")
             return
+        refusal = self.limits.opened(conn, conn.peer_host())
+        if refusal is not None:
+            self.close(conn, *refusal)
+            return
         self.all.add(conn)
-        conn.deadline = self._loop.time() + self.config.auth_timeout_s
+        config = self.config
+        wait = config.handshake_timeout_s if conn.state == OPENING else config.auth_timeout_s
+        conn.deadline = self._loop.time() + wait
         self.wheel.add(conn)
 
     def closed(self, conn: Connection) -> None:
+        self.limits.closed(conn)
         self.upstream.offline(conn)
         self.all.discard(conn)
         self.wheel.discard(conn)
@@ -151,12 +169,18 @@ class Gateway:
         self.closed(conn)  # forget it now: the socket may take a while to go
 
     def sweep(self) -> None:
-        """Close connections past their auth deadline or silent for too many heartbeats."""
+        """Close connections past their handshake or auth deadline, silent for too many
+        heartbeats, or past a deadline of room.limits."""
         for conn in self.wheel.expire(self._loop.time()):
             if conn.state == ONLINE:
                 self.close(conn, ErrorCode.HEARTBEAT_TIMEOUT, "no heartbeat")
+            elif conn.state == OPENING:
+                self.limits.counts["handshake_timeout"] += 1
+                self.close(conn, ErrorCode.SLOW_SENDER, "no complete request within the deadline")
             else:
                 self.close(conn, ErrorCode.AUTH_TIMEOUT, "no authentication within the deadline")
+        for conn, code, reason in self.limits.expired():
+            self.close(conn, code, reason)  # type: ignore[arg-type]
 
     # -- inbound -----------------------------------------------------------------------
 

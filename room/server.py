@@ -1,4 +1,5 @@
-"""A room instance's I/O edge: listeners, the RPC endpoint and the periodic loops."""
+"""A room instance's I/O edge: listeners (plain or TLS), the RPC endpoint, the periodic
+loops, and the encrypted channel's key."""
 
 from __future__ import annotations
 
@@ -7,12 +8,17 @@ import contextlib
 import logging
 import socket
 from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
 from im.config import Product
+from im.protocol.secure import KEY_SIZE, ServerHandshake
 from im.rpc import RpcServer
 from im.saver_client import SaverClient
 from im.sessions import Node, SessionStore
+from im.tls import TlsContextHolder
 from room import stats
 from room.config import RoomConfig
 from room.connection import TcpConnection, WsConnection
@@ -21,6 +27,22 @@ from room.gateway import Gateway
 log = logging.getLogger("im.room")
 
 BACKLOG = 4096
+
+
+def load_secure_key(path: str | Path) -> X25519PrivateKey:
+    """The channel's static private key: a file of 64 hex digits, as `im secure-key` writes.
+
+    Errors name the file, never its content.
+    """
+    try:
+        text = Path(path).read_text(encoding="ascii").strip()
+        raw = bytes.fromhex(text)
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not hex digits"
+        raise ValueError(f"secure key {path}: {reason}") from None
+    if len(raw) != KEY_SIZE:
+        raise ValueError(f"secure key {path}: {len(raw)} bytes, expected {KEY_SIZE}")
+    return X25519PrivateKey.from_private_bytes(raw)
 
 
 class RoomServer:
@@ -37,6 +59,11 @@ class RoomServer:
         self.owns_store = owns_store
         self.saver = SaverClient(config.saver) if config.saver else None
         self.gateway = Gateway(config, products, store, saver=self.saver)
+        self.tls: TlsContextHolder | None = None
+        if config.tls_cert and config.tls_key:
+            self.tls = TlsContextHolder(config.tls_cert, config.tls_key)
+        if config.secure_key:
+            self.gateway.secure = ServerHandshake(load_secure_key(config.secure_key))
         self.rpc = RpcServer(
             {
                 "push": self.gateway.rpc_push,
@@ -58,6 +85,7 @@ class RoomServer:
         loop = asyncio.get_running_loop()
         cfg = self.config
         gateway = self.gateway
+        context = self.tls.context if self.tls is not None else None
         ws_server, tcp_server = [
             await loop.create_server(
                 lambda kind=kind: kind(gateway),
@@ -65,6 +93,8 @@ class RoomServer:
                 port,
                 backlog=BACKLOG,
                 reuse_port=cfg.reuse_port,
+                ssl=context,
+                ssl_handshake_timeout=cfg.handshake_timeout_s if context else None,
             )
             for kind, port in ((WsConnection, cfg.ws_port), (TcpConnection, cfg.tcp_port))
         ]
@@ -73,13 +103,15 @@ class RoomServer:
         tcp_port = _bound_port(tcp_server)
         _, rpc_port = await self.rpc.start(cfg.host, cfg.rpc_port or 0)
         public = cfg.advertise_host or cfg.host
-        self.ws_address = f"ws://{public}:{ws_port}{cfg.ws_path}"
+        scheme = "wss" if context else "ws"
+        self.ws_address = f"{scheme}://{public}:{ws_port}{cfg.ws_path}"
         self.tcp_address = f"{public}:{tcp_port}"
         gateway.node = Node(
             gateway.instance,
             rpc=f"{public}:{rpc_port}",
             ws=self.ws_address,
-            tcp=self.tcp_address,
+            # A TLS listener says so with its scheme; the dispatcher passes it on as is.
+            tcp=f"tcps://{self.tcp_address}" if context else self.tcp_address,
             idc=cfg.idc,
         )
         stats.track(gateway)
@@ -92,11 +124,19 @@ class RoomServer:
             asyncio.create_task(self._every(cfg.node_ttl_s / 3, gateway.refresh_idc)),
             asyncio.create_task(self._every(cfg.qos_resync_s, gateway.qos.resync)),
         ]
+        if self.tls is not None:
+            self._loops.append(asyncio.create_task(self.tls.watch(cfg.tls_reload_s)))
+        if gateway.secure is not None:
+            log.info(
+                "room %s: encrypted channel on, public key %s",
+                gateway.instance,
+                gateway.secure.public_key.hex(),
+            )
         log.info(
             "room %s: websocket %s, tcp %s, rpc %s",
             gateway.instance,
             self.ws_address,
-            self.tcp_address,
+            gateway.node.tcp,
             gateway.node.rpc,
         )
 

@@ -103,6 +103,24 @@ def _families() -> Iterable[Metric]:
         "im_room_room_writes", "Shared writes of a room tick to members", labels=["instance"]
     )
     rooms = GaugeMetricFamily("im_room_rooms", "Chat rooms with members here", labels=["instance"])
+    limited = CounterMetricFamily(
+        "im_room_limited",
+        "Connections refused or closed by a limit (room.limits), by limit: address_denied, "
+        "connection_rate, connections_per_address, frame_rate, slow_reader, slow_sender, "
+        "handshake_timeout; address_table_full counts addresses let in unmetered",
+        labels=["instance", "limit"],
+    )
+    addresses = GaugeMetricFamily(
+        "im_room_limit_addresses",
+        "Client addresses the limits track: with open connections (open), with a "
+        "connection rate being metered (metered)",
+        labels=["instance", "table"],
+    )
+    paused = GaugeMetricFamily(
+        "im_room_paused_connections",
+        "Connections whose socket is too full to write to (closed past --slow-reader-s)",
+        labels=["instance"],
+    )
     qos = CounterMetricFamily(
         "im_room_qos",
         "QoS 1 work with the saver, by event: pending_loaded (messages paged at login), held "
@@ -119,6 +137,12 @@ def _families() -> Iterable[Metric]:
         rooms.add_metric([name], len(chat.groups))
         for event, count in gateway.qos.counts.items():
             qos.add_metric([name, event], count)
+        limits = gateway.limits
+        for limit, count in limits.counts.items():
+            limited.add_metric([name, limit], count)
+        addresses.add_metric([name, "open"], len(limits.per_address))
+        addresses.add_metric([name, "metered"], limits.tracked_addresses)
+        paused.add_metric([name], limits.paused)
         for state, count in gateway.connection_counts().items():
             conns.add_metric([name, state], count)
         queued.add_metric([name], gateway.queued())
@@ -138,3 +162,6 @@ def _families() -> Iterable[Metric]:
     yield room_writes
     yield rooms
     yield qos
+    yield limited
+    yield addresses
+    yield paused

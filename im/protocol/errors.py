@@ -27,6 +27,11 @@ class ErrorCode(IntEnum):
     SECURE_CHANNEL = 4015  # encrypted channel: bad handshake, or a frame replayed or forged
     KICKED = 4016  # the business closed this user's connections (POST /v1/users/{uid}/kick)
     BIND_REFUSED = 4017  # a bind or unbind was refused (bad token, already bound, too many)
+    TOO_MANY_CONNECTIONS = 4018  # the client's address holds as many connections as allowed
+    CONNECTION_RATE = 4019  # new connections from the client's address come too fast
+    ADDRESS_DENIED = 4020  # the client's address is on the deny list, or off the allow list
+    FRAME_RATE = 4021  # the connection sent frames faster than its rate allows
+    SLOW_SENDER = 4022  # the request head or a frame did not arrive whole within its deadline
 
 
 #: Errors after which the server closes the connection. The rest are answered and the
@@ -44,6 +49,11 @@ FATAL_CODES = frozenset(
         ErrorCode.REPLACED,
         ErrorCode.SECURE_CHANNEL,
         ErrorCode.KICKED,
+        ErrorCode.TOO_MANY_CONNECTIONS,
+        ErrorCode.CONNECTION_RATE,
+        ErrorCode.ADDRESS_DENIED,
+        ErrorCode.FRAME_RATE,
+        ErrorCode.SLOW_SENDER,
     }
 )
 

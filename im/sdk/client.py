@@ -14,11 +14,13 @@ import asyncio
 import contextlib
 import inspect
 import logging
+import os
 import random
 import time
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from ssl import SSLContext, create_default_context
 from typing import Any, TypeVar
 
 from prometheus_client import Counter
@@ -26,6 +28,7 @@ from prometheus_client import Counter
 from im.protocol.codec import Encoding
 from im.protocol.errors import FATAL_CODES, ErrorCode, ProtocolError
 from im.protocol.messages import MAX_ACK_IDS, validate_client, validate_server
+from im.protocol.secure import KEY_SIZE
 from im.sdk.bindings import Bindings
 from im.sdk.dispatch import DispatchError, route
 from im.sdk.transport import Address, Transport, TransportClosed, open_transport
@@ -215,6 +218,17 @@ async def read(transport: Transport) -> dict[str, Any]:
         raise
 
 
+def _server_key(key: bytes | str | None) -> bytes | None:
+    if isinstance(key, str):
+        try:
+            key = bytes.fromhex(key)
+        except ValueError:
+            raise ValueError("server_key must be 32 bytes or 64 hex digits") from None
+    if key is not None and len(key) != KEY_SIZE:
+        raise ValueError(f"server_key must be {KEY_SIZE} bytes, got {len(key)}")
+    return key
+
+
 def server_op(message: dict[str, Any]) -> str | None:
     """The op of a valid server map; None (logged) for ones this client ignores."""
     try:
@@ -238,6 +252,8 @@ class Client:
         "_static",
         "_dispatcher",
         "_route_query",
+        "_ssl",
+        "_server_key",
         "_auto_ack",
         "_reconnect",
         "_backoff",
@@ -281,7 +297,12 @@ class Client:
         dispatcher: str | None = None,
         transport: str = "ws",
         idc: str = "",
+        ssl: SSLContext | str | os.PathLike[str] | None = None,
+        server_key: bytes | str | None = None,
     ) -> None:
+        """`ssl`: the context, or a CA file, for tcps:// and wss:// addresses (default: the
+        system's CAs). `server_key`: the gateway's channel public key (32 bytes or 64 hex
+        digits): the encrypted channel on every address, msgpack only."""
         if isinstance(addresses, str):
             raise TypeError("addresses must be a sequence of addresses, not one string")
         self._addresses = [Address.parse(a) for a in addresses]
@@ -297,9 +318,15 @@ class Client:
         except ValueError:
             raise ValueError(f"encoding must be 'msgpack' or 'json', not {encoding!r}") from None
         if self._encoding is not Encoding.MSGPACK and (
-            any(a.scheme == "tcp" for a in self._addresses) or transport == "tcp"
+            any(a.scheme in ("tcp", "tcps") for a in self._addresses) or transport == "tcp"
         ):
             raise ValueError("TCP addresses carry msgpack only; use ws:// for json")
+        if ssl is not None and not isinstance(ssl, SSLContext):
+            ssl = create_default_context(cafile=ssl)  # a missing file fails here, not later
+        self._ssl = ssl
+        self._server_key = _server_key(server_key)
+        if self._server_key is not None and self._encoding is not Encoding.MSGPACK:
+            raise ValueError("the encrypted channel carries msgpack only")
         if connect_timeout <= 0 or queue_size < 1:
             raise ValueError("connect_timeout and queue_size must be positive")
         self._auth = {"op": "auth", "product": product, "uid": uid, "device": device}
@@ -623,7 +650,9 @@ class Client:
         """Connect and authenticate within connect_timeout; returns the heartbeat interval."""
         async with asyncio.timeout(self._connect_timeout):
             auth = await self._fresh_auth()
-            transport = await open_transport(address, self._encoding)
+            transport = await open_transport(
+                address, self._encoding, ssl=self._ssl, server_key=self._server_key
+            )
             try:
                 await transport.send(auth)
                 reply = await self._auth_reply(transport)

@@ -4,6 +4,10 @@ Both expose the same small surface so the client's connection loop does not care
 one it drives. A closed connection surfaces as `TransportClosed`, carrying the close code
 and reason when the server sent them (WebSocket only: raw TCP has no close frame, the
 server's `error` frame before the close tells the same story).
+
+`tcps://` and `wss://` run over TLS. Given the gateway's public key (`server_key`), either
+transport runs the encrypted channel (im.protocol.secure) instead: its handshake is the
+first payload each way, then every payload is sealed.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import asyncio
 import contextlib
 from collections import deque
 from dataclasses import dataclass
+from ssl import SSLContext, create_default_context
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
@@ -20,7 +25,9 @@ from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
 from im.protocol.codec import Encoding, decode, encode
+from im.protocol.errors import ProtocolError
 from im.protocol.framing import DEFAULT_MAX_FRAME, FrameDecoder, frame
+from im.protocol.secure import REPLY_SIZE, ClientHandshake, SecureSession
 
 #: Largest frame accepted from the server: a batch frame packs several pushes of up to
 #: DEFAULT_MAX_FRAME each, so the limit is a multiple of it (JSON, which spells the same
@@ -28,7 +35,10 @@ from im.protocol.framing import DEFAULT_MAX_FRAME, FrameDecoder, frame
 MAX_FRAME = 16 * DEFAULT_MAX_FRAME
 READ_CHUNK = 64 * 1024
 CLOSE_TIMEOUT = 1.0
-SCHEMES = ("tcp", "ws", "wss")
+SCHEMES = ("tcp", "tcps", "ws", "wss")
+TLS_SCHEMES = ("tcps", "wss")
+#: The WebSocket subprotocol of the encrypted channel: binary messages, msgpack inside.
+SECURE_SUBPROTOCOL = "im.v1.msgpack+secure"
 
 
 class TransportClosed(ConnectionError):
@@ -50,7 +60,8 @@ class Address:
 
     @classmethod
     def parse(cls, text: str) -> Address:
-        """Accept "tcp://host:port", "ws://host:port/path" or "wss://..."; ValueError else."""
+        """Accept "tcp://host:port", "tcps://host:port" (TLS), "ws://host:port/path" or
+        "wss://..."; ValueError else."""
         try:
             parts = urlsplit(text)
             port = parts.port
@@ -61,8 +72,8 @@ class Address:
         if not parts.hostname:
             raise ValueError(f"bad address {text!r}: missing host")
         if port is None:
-            if parts.scheme == "tcp":
-                raise ValueError(f"bad address {text!r}: tcp needs a port")
+            if parts.scheme in ("tcp", "tcps"):
+                raise ValueError(f"bad address {text!r}: {parts.scheme} needs a port")
             port = 443 if parts.scheme == "wss" else 80
         return cls(parts.scheme, parts.hostname, port, text)
 
@@ -78,10 +89,29 @@ class Transport(Protocol):
     async def close(self) -> None: ...
 
 
-class TcpTransport:
-    """Length-prefixed msgpack frames over asyncio streams."""
+def _refused_handshake(reply: bytes) -> Exception:
+    """What a reply that is no channel reply means: the server's plain `error`, if it is one."""
+    try:
+        message = decode(reply, Encoding.MSGPACK)
+    except ProtocolError:
+        message = {}
+    if message.get("op") == "error" and isinstance(message.get("code"), int):
+        return TransportClosed(message["code"], str(message.get("reason", "")))
+    return ConnectionError(f"not an encrypted channel reply ({len(reply)} bytes)")
 
-    __slots__ = ("_reader", "_writer", "_decoder", "_ready", "close_code", "close_reason")
+
+class TcpTransport:
+    """Length-prefixed msgpack frames over asyncio streams (sealed on the channel)."""
+
+    __slots__ = (
+        "_reader",
+        "_writer",
+        "_decoder",
+        "_ready",
+        "_session",
+        "close_code",
+        "close_reason",
+    )
 
     def __init__(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, max_frame: int
@@ -90,28 +120,62 @@ class TcpTransport:
         self._writer = writer
         self._decoder = FrameDecoder(max_frame)
         self._ready: deque[bytes] = deque()
+        self._session: SecureSession | None = None
         self.close_code: int | None = None
         self.close_reason = ""
 
     @classmethod
-    async def open(cls, host: str, port: int, *, max_frame: int = MAX_FRAME) -> TcpTransport:
-        reader, writer = await asyncio.open_connection(host, port, limit=READ_CHUNK)
-        return cls(reader, writer, max_frame)
+    async def open(
+        cls,
+        host: str,
+        port: int,
+        *,
+        max_frame: int = MAX_FRAME,
+        ssl: SSLContext | None = None,
+        server_key: bytes | None = None,
+    ) -> TcpTransport:
+        """`ssl` runs TLS; `server_key` the encrypted channel (its handshake happens here)."""
+        reader, writer = await asyncio.open_connection(host, port, limit=READ_CHUNK, ssl=ssl)
+        transport = cls(reader, writer, max_frame)
+        if server_key is not None:
+            try:
+                await transport._handshake(server_key)
+            except BaseException:
+                await transport.close()
+                raise
+        return transport
+
+    async def _handshake(self, server_key: bytes) -> None:
+        handshake = ClientHandshake(server_key)
+        self._writer.write(frame(handshake.hello))
+        reply = await self._payload()
+        if len(reply) != REPLY_SIZE:
+            raise _refused_handshake(reply)
+        self._session = handshake.finish(reply)
 
     async def send(self, message: dict[str, Any]) -> None:
         if self._writer.is_closing():
             raise TransportClosed()
-        self._writer.write(frame(encode(message, Encoding.MSGPACK)))
+        payload = encode(message, Encoding.MSGPACK)
+        if self._session is not None:
+            payload = self._session.seal(payload)
+        self._writer.write(frame(payload))
         await self._writer.drain()
 
-    async def recv(self) -> dict[str, Any]:
-        """Next map; cancelling it loses nothing, so callers may wrap it in a timeout."""
+    async def _payload(self) -> bytes:
         while not self._ready:
             data = await self._reader.read(READ_CHUNK)
             if not data:
                 raise TransportClosed()
             self._ready.extend(self._decoder.feed(data))
-        return decode(self._ready.popleft(), Encoding.MSGPACK)
+        return self._ready.popleft()
+
+    async def recv(self) -> dict[str, Any]:
+        """Next map; cancelling it loses nothing, so callers may wrap it in a timeout."""
+        payload = await self._payload()
+        if self._session is not None:
+            payload = self._session.open(payload)
+        return decode(payload, Encoding.MSGPACK)
 
     async def close(self) -> None:
         writer = self._writer
@@ -124,39 +188,73 @@ class TcpTransport:
 
 
 class WsTransport:
-    """One map per WebSocket message: binary msgpack or text JSON, by subprotocol."""
+    """One map per WebSocket message: binary msgpack or text JSON, by subprotocol; on the
+    encrypted channel (`im.v1.msgpack+secure`) binary sealed msgpack."""
 
-    __slots__ = ("_ws", "_encoding", "_text", "close_code", "close_reason")
+    __slots__ = ("_ws", "_encoding", "_text", "_session", "close_code", "close_reason")
 
     def __init__(self, ws: ClientConnection, encoding: Encoding) -> None:
         self._ws = ws
         self._encoding = encoding
         self._text = encoding is Encoding.JSON
+        self._session: SecureSession | None = None
         self.close_code: int | None = None
         self.close_reason = ""
 
     @classmethod
-    async def open(cls, url: str, encoding: Encoding, *, max_frame: int = MAX_FRAME) -> WsTransport:
-        """Handshake failures (HTTP refusal, wrong subprotocol) come out as ConnectionError."""
+    async def open(
+        cls,
+        url: str,
+        encoding: Encoding,
+        *,
+        max_frame: int = MAX_FRAME,
+        ssl: SSLContext | None = None,
+        server_key: bytes | None = None,
+    ) -> WsTransport:
+        """Handshake failures (HTTP refusal, wrong subprotocol) come out as ConnectionError;
+        `ssl` is for wss:// URLs; `server_key` runs the encrypted channel (msgpack only)."""
+        if server_key is not None and encoding is not Encoding.MSGPACK:
+            raise ValueError("the encrypted channel carries msgpack only")
+        subprotocol = SECURE_SUBPROTOCOL if server_key is not None else encoding.subprotocol
+        tls = {"ssl": ssl} if ssl is not None else {}  # none: websockets decides by the URL
         try:
             ws = await ws_connect(
                 url,
-                subprotocols=[encoding.subprotocol],
+                subprotocols=[subprotocol],
                 max_size=max_frame,
                 open_timeout=None,  # the caller bounds the whole connect + auth
                 ping_interval=None,  # the protocol's own ping/pong is the heartbeat
                 close_timeout=CLOSE_TIMEOUT,
+                **tls,
             )
         except InvalidHandshake as exc:
             raise ConnectionError(f"WebSocket handshake with {url} failed: {exc}") from exc
-        if ws.subprotocol != encoding.subprotocol:
-            await ws.close()
-            raise ConnectionError(f"{url} did not accept subprotocol {encoding.subprotocol}")
-        return cls(ws, encoding)
+        transport = cls(ws, encoding)
+        try:
+            if ws.subprotocol != subprotocol:
+                raise ConnectionError(f"{url} did not accept subprotocol {subprotocol}")
+            if server_key is not None:
+                await transport._handshake(server_key)
+        except BaseException:
+            await transport.close()
+            raise
+        return transport
+
+    async def _handshake(self, server_key: bytes) -> None:
+        handshake = ClientHandshake(server_key)
+        try:
+            await self._ws.send(handshake.hello)
+            reply = await self._ws.recv(decode=False)
+        except ConnectionClosed as exc:
+            raise self._closed(exc) from None
+        self._session = handshake.finish(reply)
 
     async def send(self, message: dict[str, Any]) -> None:
+        payload = encode(message, self._encoding)
+        if self._session is not None:
+            payload = self._session.seal(payload)
         try:
-            await self._ws.send(encode(message, self._encoding), text=self._text)
+            await self._ws.send(payload, text=self._text)
         except ConnectionClosed as exc:
             raise self._closed(exc) from None
 
@@ -166,6 +264,8 @@ class WsTransport:
             data = await self._ws.recv(decode=False)
         except ConnectionClosed as exc:
             raise self._closed(exc) from None
+        if self._session is not None:
+            data = self._session.open(data)
         return decode(data, self._encoding)
 
     async def close(self) -> None:
@@ -180,10 +280,31 @@ class WsTransport:
 
 
 async def open_transport(
-    address: Address, encoding: Encoding, *, max_frame: int = MAX_FRAME
+    address: Address,
+    encoding: Encoding,
+    *,
+    max_frame: int = MAX_FRAME,
+    ssl: SSLContext | None = None,
+    server_key: bytes | None = None,
 ) -> Transport:
-    if address.scheme == "tcp":
+    """Connect to `address`. TLS addresses use `ssl` (None: the system's trusted CAs);
+    `server_key` runs the encrypted channel on any address."""
+    if address.scheme in TLS_SCHEMES and ssl is None:
+        ssl = create_default_context()
+    if address.scheme in ("tcp", "tcps"):
         if encoding is not Encoding.MSGPACK:
             raise ValueError("TCP carries msgpack only")
-        return await TcpTransport.open(address.host, address.port, max_frame=max_frame)
-    return await WsTransport.open(address.url, encoding, max_frame=max_frame)
+        return await TcpTransport.open(
+            address.host,
+            address.port,
+            max_frame=max_frame,
+            ssl=ssl if address.scheme == "tcps" else None,
+            server_key=server_key,
+        )
+    return await WsTransport.open(
+        address.url,
+        encoding,
+        max_frame=max_frame,
+        ssl=ssl if address.scheme == "wss" else None,
+        server_key=server_key,
+    )
