@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Sequence
 
 from im.config import products_or_exit
@@ -17,7 +18,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     products = products_or_exit(config.config, "im room")
 
     async def start() -> RoomServer:
-        server = RoomServer(config, products, RegisterClient(config.register), owns_store=True)
+        try:
+            server = RoomServer(config, products, RegisterClient(config.register), owns_store=True)
+        except (OSError, ValueError, ssl.SSLError) as exc:  # a bad key or certificate file
+            raise SystemExit(f"im room: {exc}") from None
         await server.start()
         return server
 

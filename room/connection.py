@@ -23,6 +23,7 @@ from im.protocol import websocket as ws
 from im.protocol.codec import SUBPROTOCOLS, Encoding, decode
 from im.protocol.errors import ErrorCode, ProtocolError
 from im.protocol.framing import HEADER, FrameDecoder, frame
+from im.protocol.secure import SECURE_SUBPROTOCOL
 from im.protocol.ws_handshake import Accepted, Handshake, PlainRequest, Rejected, http_response
 from room.queues import HIGH, FrameQueue, Outcome
 
@@ -36,8 +37,6 @@ OPENING, AUTH_WAIT, AUTHING, ONLINE, CLOSED, HELLO_WAIT = range(6)
 # Wire kinds: how a map becomes bytes on this connection (one encoding cached per kind).
 TCP, WS_MSGPACK, WS_JSON = "tcp", "ws_msgpack", "ws_json"
 
-#: The WebSocket subprotocol of the encrypted channel: binary messages, msgpack inside.
-SECURE_SUBPROTOCOL = "im.v1.msgpack+secure"
 _SECURE_SUBPROTOCOLS = (*SUBPROTOCOLS, SECURE_SUBPROTOCOL)
 
 MAX_WRITE_BATCH = 256 * 1024

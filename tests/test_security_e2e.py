@@ -32,12 +32,11 @@ from im.config import DEV_ADMIN_KEY, DEV_PRODUCT, Product, load_admin_key, load_
 from im.protocol.codec import Encoding, decode, encode
 from im.protocol.errors import ErrorCode
 from im.protocol.framing import FrameDecoder, frame
-from im.protocol.secure import ClientHandshake, SecureSession
+from im.protocol.secure import SECURE_SUBPROTOCOL, ClientHandshake, SecureSession
 from im.register_client import RegisterClient
 from im.sdk import Client
 from im.sessions import Node
 from im.tls import make_dev_cert
-from room.connection import SECURE_SUBPROTOCOL
 from room.server import load_secure_key
 from tests.fixtures.system import HOST, TIMEOUT, Closed, RawTcp, System, eventually, metric_value
 

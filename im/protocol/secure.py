@@ -25,6 +25,9 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from im.protocol.errors import ErrorCode, ProtocolError
 
+#: The WebSocket subprotocol of the encrypted channel (binary frames, msgpack inside).
+SECURE_SUBPROTOCOL = "im.v1.msgpack+secure"
+
 VERSION = 1
 KEY_SIZE = 32
 NONCE_SIZE = 16

@@ -27,7 +27,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake
 from im.protocol.codec import Encoding, decode, encode
 from im.protocol.errors import ProtocolError
 from im.protocol.framing import DEFAULT_MAX_FRAME, FrameDecoder, frame
-from im.protocol.secure import REPLY_SIZE, ClientHandshake, SecureSession
+from im.protocol.secure import REPLY_SIZE, SECURE_SUBPROTOCOL, ClientHandshake, SecureSession
 
 #: Largest frame accepted from the server: a batch frame packs several pushes of up to
 #: DEFAULT_MAX_FRAME each, so the limit is a multiple of it (JSON, which spells the same
@@ -37,8 +37,6 @@ READ_CHUNK = 64 * 1024
 CLOSE_TIMEOUT = 1.0
 SCHEMES = ("tcp", "tcps", "ws", "wss")
 TLS_SCHEMES = ("tcps", "wss")
-#: The WebSocket subprotocol of the encrypted channel: binary messages, msgpack inside.
-SECURE_SUBPROTOCOL = "im.v1.msgpack+secure"
 
 
 class TransportClosed(ConnectionError):
