@@ -19,7 +19,6 @@ import base64
 import contextlib
 import os
 import resource
-import socket
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -180,6 +179,8 @@ class WorkerSpec:
     room: str | None = None  # join this chat room after auth and tally its pushes
     probe_every: int = 0  # client i is a probe when i % probe_every == 0; 0 = no probes
     seq_total: int = 0  # sequence numbers a probe records (0 .. seq_total-1)
+    #: A scenario's client behaviour (bench.scenario_clients.Plan); None: the plain Worker.
+    plan: Any = None
 
 
 class Chunk:
@@ -253,7 +254,7 @@ class Client(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         state, self.state = self.state, CLOSED
         self.parser = None
-        self.worker.lost(state)
+        self.worker.lost(self, state)
 
     def send(self, message: dict[str, Any]) -> None:
         """Write one message in this client's wire format."""
@@ -309,8 +310,7 @@ class WsClient(Client):
         self.transport = transport
         self.state = HANDSHAKE
         self.parser = bytearray()
-        requests = self.worker.requests
-        self.transport.write(requests[self.index % len(requests)])
+        self.transport.write(self.worker.handshake_for(self.index))
 
     def send(self, message: dict[str, Any]) -> None:
         self.transport.write(self.worker.ws_frame(message))
@@ -428,6 +428,10 @@ class Worker:
         product = self.spec.product
         token = issue_token(product, uid, TOKEN_TTL_S)
         return {"op": "auth", "product": product.name, "uid": uid, "device": "d", "token": token}
+
+    def handshake_for(self, index: int) -> bytes:
+        """The WebSocket opening request of client `index`, for the target it connects to."""
+        return self.requests[index % len(self.requests)]
 
     def ws_frame(self, message: dict[str, Any]) -> bytes:
         if self.spec.json:
@@ -552,7 +556,7 @@ class Worker:
         elif op == "error":
             self.error(f"error {message.get('code')}: {message.get('reason')}")
 
-    def lost(self, state: int) -> None:
+    def lost(self, client: Client, state: int) -> None:
         if state == ONLINE:
             self.dropped += 1
         elif not self.settled:
@@ -564,30 +568,36 @@ class Worker:
 
     # -- connecting --------------------------------------------------------------------
 
-    async def _connect(self, index: int, slots: asyncio.Semaphore) -> None:
-        spec = self.spec
-        target = spec.targets[index % len(spec.targets)]
+    async def target_for(self, index: int) -> Target:
+        """Where client `index` connects first."""
+        targets = self.spec.targets
+        return targets[index % len(targets)]
+
+    async def open(self, index: int, target: Target) -> Client:
+        """Connect client `index` to `target`; it then handshakes and authenticates on its
+        own. OSError when the connection cannot be made."""
+        sources = self.spec.sources
         client: Client = (
             TcpClient(self, index) if target.transport == "tcp" else WsClient(self, index)
         )
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.clients.append(client)
+        # uvloop's own connect costs half the CPU of a Python socket handed to it; the bound
+        # source address takes its port at bind, so each source serves ~28,000 connections.
+        await self.loop.create_connection(
+            lambda: client,
+            target.host,
+            target.port,
+            local_addr=(sources[index % len(sources)], 0) if sources else None,
+        )
+        return client
+
+    async def _connect(self, index: int, slots: asyncio.Semaphore) -> None:
         try:
-            sock.setblocking(False)
-            if spec.sources:
-                # The port is chosen at connect time, per destination: many more per source.
-                sock.setsockopt(socket.SOL_IP, socket.IP_BIND_ADDRESS_NO_PORT, 1)
-                sock.bind((spec.sources[index % len(spec.sources)], 0))
-            await self.loop.sock_connect(sock, (target.host, target.port))
-            self.clients.append(client)
-            await self.loop.create_connection(lambda: client, sock=sock)
+            await self.open(index, await self.target_for(index))
             self.connected += 1
         except OSError as exc:
-            sock.close()
             self.failed += 1
             self.error(f"connect: {exc.strerror or type(exc).__name__}")
-        except asyncio.CancelledError:
-            sock.close()
-            raise
         finally:
             slots.release()
 
@@ -666,7 +676,12 @@ class Worker:
         if command == "stop":
             self.loop.remove_reader(self.pipe.fileno())
             self.stop.set()
-        elif command == "tally" and self.room is not None:
+        else:
+            self.command(command)
+
+    def command(self, command: Any) -> None:
+        """A request from the parent other than stop."""
+        if command == "tally" and self.room is not None:
             self.report("tally", room=self.room_tally())
 
     async def run(self) -> None:
@@ -709,7 +724,8 @@ def worker_main(spec: WorkerSpec, pipe: Connection) -> None:
     raise_fd_limit()
 
     async def main() -> None:
-        await Worker(spec, pipe).run()
+        worker = Worker(spec, pipe) if spec.plan is None else spec.plan.worker(spec, pipe)
+        await worker.run()
 
     with contextlib.suppress(KeyboardInterrupt):
         uvloop.run(main())

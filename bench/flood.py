@@ -14,6 +14,7 @@ Scenarios:
            over clients), expected (sent x members) and the shortfall, the rooms' switch
            drops from their /metrics, publish-to-client latency (high priority on every
            client, every push on --probes clients), and CPU per delivered message.
+  connect, broadcast, churn, drain, upstream: see bench/scenario_*.py (or --help).
 
 Clients run in --procs worker processes (asyncio Protocols on uvloop, no Task per
 connection) and report to this process over pipes. A progress line goes to stderr every
@@ -49,9 +50,11 @@ from im.config import ConfigError, load_products
 
 if __package__ in (None, ""):  # run as `python3 bench/flood.py`: make `bench` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench import clients, procstat, roomrun  # noqa: E402
+from bench import clients, procstat, roomrun, scenario_list, scenario_route  # noqa: E402
 from bench.clients import Target, WorkerSpec  # noqa: E402
 from bench.poster import PacedPoster  # noqa: E402
+from bench.scenario_clients import Plan  # noqa: E402
+from bench.scenario_common import Context, CpuMarks, ScenarioError  # noqa: E402
 
 RSS_SAMPLES = 3
 RSS_SAMPLE_GAP_S = 0.5
@@ -79,11 +82,17 @@ def pid_list(text: str) -> list[int]:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="flood",
-        description=__doc__,
+        description=scenario_list.description(__doc__),
+        epilog=scenario_list.EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add = parser.add_argument
-    add("--scenario", choices=("idle", "unicast", "room"), default="idle", help="what to measure")
+    add(
+        "--scenario",
+        choices=("idle", "unicast", "room", *scenario_list.SCENARIOS),
+        default="idle",
+        help="what to measure (default idle)",
+    )
     add("--clients", type=int, default=None, help="connections (default 1000; room 10000)")
     add("--transport", choices=("ws", "tcp"), default="ws", help="client transport (default ws)")
     add(
@@ -183,8 +192,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="room: clients that time every push and record sequence numbers; the others "
         "time only high-priority pushes (default 200)",
     )
-    add("--type", default="chat", help="unicast: message type (default chat)")
-    add("--pri", choices=("high", "normal", "low"), default="high", help="unicast priority")
+    add("--type", default="chat", help="message type of the pushes and up frames (default chat)")
+    add(
+        "--pri",
+        choices=("high", "normal", "low"),
+        default="high",
+        help="unicast, churn, drain, broadcast: priority (default high)",
+    )
+    scenario_list.add_arguments(add)
     add(
         "--settle",
         type=float,
@@ -206,7 +221,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--register-port",
         type=int,
         default=8070,
-        help="register RPC port on this host, only to find its process for CPU (default 8070)",
+        help="register RPC port on this host: its process is measured, and drain finds the "
+        "instance in it (default 8070)",
     )
     add(
         "--room-pids",
@@ -218,6 +234,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add("--uid-prefix", default=None, help="uids are PREFIX0..PREFIXN-1 (default random)")
     add("--json", default=None, metavar="FILE", help="also write the JSON summary to FILE")
     args = parser.parse_args(argv)
+    scenario_list.defaults(args)
     for name, (room, other) in SCENARIO_DEFAULTS.items():
         if getattr(args, name) is None:
             setattr(args, name, room if args.scenario == "room" else other)
@@ -240,11 +257,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error("--switches is for the room scenario")
     if args.http_concurrency < 1:
         parser.error("--http-concurrency must be at least 1")
+    scenario_list.check(args, parser.error)
     args.procs = min(args.procs, args.clients)
     return args
 
 
 def targets_of(args: argparse.Namespace) -> tuple[Target, ...]:
+    if args.dispatcher:
+        return scenario_route.discover(args.dispatcher, args.product, args.transport)
     if args.targets:
         return tuple(Target.parse(t.strip(), args.transport) for t in args.targets.split(","))
     ports = [args.base_port + 2 * i + (args.transport == "tcp") for i in range(args.rooms)]
@@ -438,14 +458,15 @@ class Fleet:
                 await asyncio.wait_for(self.changed.wait(), left)
         return True
 
-    async def tallies(self) -> list[dict[str, Any]]:
-        """Every live worker's room tally (see clients.Worker.room_tally)."""
+    async def tallies(self, key: str = "room") -> list[Any]:
+        """Every live worker's tally under `key`: "room" (clients.Worker.room_tally) or
+        "scenario" (scenario_clients.ScenarioWorker.scenario_tally)."""
         self.tallied = {}
         for pipe in self.pipes:
             with contextlib.suppress(OSError):
                 pipe.send("tally")
         await self.wait(lambda: len(self.tallied.keys() | self.dead) >= len(self.pipes))
-        return [extra["room"] for extra in self.tallied.values()]
+        return [extra[key] for extra in self.tallied.values()]
 
     async def stop(self) -> None:
         for pipe in self.pipes:
@@ -512,6 +533,7 @@ class Progress:
         self.fleet = fleet
         self.clients_total = clients_total
         self.pusher: PacedPoster | None = None
+        self.extra: Callable[[], str] | None = None  # a scenario's part of the line
         self.start = time.monotonic()
         self.tty = sys.stderr.isatty()
 
@@ -536,6 +558,8 @@ class Progress:
                 f" | sent {pusher.sent} answered {pusher.answered} "
                 f"room pushes received {fleet.total('room_pushes')}"
             )
+        if self.extra is not None:
+            text += self.extra()
         return text
 
     async def run(self) -> None:
@@ -563,6 +587,7 @@ def machine() -> dict[str, Any]:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "uvloop": uvloop.__version__,
+        "load_1m_at_start": os.getloadavg()[0],  # others' work on a shared box
     }
 
 
@@ -603,6 +628,8 @@ def table(summary: dict[str, Any]) -> str:
                 rows.append((f"{role} CPU/msg", f"{value:.1f} us ({share:.0f} % in the kernel)"))
     if summary["scenario"] == "room" and summary["live_room"].get("kinds"):
         rows += roomrun.table_rows(summary)
+    if summary["scenario"] in scenario_list.SCENARIOS:
+        rows += scenario_list.SCENARIOS[summary["scenario"]].table_rows(summary)
     if summary["errors"]:
         rows.append(("errors", "; ".join(f"{k} x{v}" for k, v in summary["errors"].items())))
     width = max(len(name) for name, _ in rows)
@@ -616,7 +643,11 @@ def table(summary: dict[str, Any]) -> str:
 
 
 def plan_workers(
-    args: argparse.Namespace, targets: tuple[Target, ...], product: Any, prefix: str
+    args: argparse.Namespace,
+    targets: tuple[Target, ...],
+    product: Any,
+    prefix: str,
+    plan: Plan | None,
 ) -> list[WorkerSpec]:
     specs = []
     room_fields: dict[str, Any] = {}
@@ -643,6 +674,7 @@ def plan_workers(
                 connect_rate=args.connect_rate / args.procs,
                 connect_timeout=args.connect_timeout,
                 ping_interval=args.ping_interval,
+                plan=plan,
                 **room_fields,
             )
         )
@@ -664,8 +696,10 @@ async def drive(
     fleet.attach(loop)
     progress = Progress(fleet, args.clients)
     ticker = loop.create_task(progress.run())
+    cpu = CpuMarks(watched)
     try:
         await fleet.wait(fleet.all_ready)
+        cpu.mark_ready()
         ready = list(fleet.ready.values())
         online = sorted(i for r in ready for i in r.get("online", []))
         start = min((r["first_start"] for r in ready if r.get("first_start")), default=0.0)
@@ -707,6 +741,9 @@ async def drive(
             await roomrun.run(
                 args, fleet, watched, api_key, online, targets, switched, summary, set_publisher
             )
+        elif online and args.scenario in scenario_list.SCENARIOS:
+            context = Context(args, fleet, watched, api_key, prefix, online, summary, progress, cpu)
+            await scenario_list.SCENARIOS[args.scenario].run(context)
         elif online:
             await unicast(
                 args, fleet, watched, api_key, [f"{prefix}{i}" for i in online], summary, progress
@@ -783,7 +820,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         targets = targets_of(args)
         product = load_products(args.config).get(args.product)
-    except (ValueError, ConfigError) as exc:
+        plan = scenario_list.client_plan(args)
+    except (ValueError, ConfigError, ScenarioError) as exc:
         print(f"flood: {exc}", file=sys.stderr)
         return 2
     if product is None:
@@ -854,9 +892,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "command": shlex.join(["python3", *sys.argv] if argv is None else ["flood", *argv]),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
-    arrivals = Arrivals(round(args.rate * args.duration) if args.scenario == "unicast" else 0)
+    sequenced = args.scenario in ("unicast", *scenario_list.SEQUENCED)
+    arrivals = Arrivals(round(args.rate * args.duration) if sequenced else 0)
     api_key = args.api_key if args.api_key is not None else product.api_key
-    fleet = Fleet(plan_workers(args, targets, product, prefix), arrivals)
+    fleet = Fleet(plan_workers(args, targets, product, prefix, plan), arrivals)
     # The tester's own cost, to show whether it, not the servers, was the limit.
     watched.roles["flood"] = [os.getpid(), *(p.pid for p in fleet.processes if p.pid)]
     uvloop.run(drive(args, fleet, watched, api_key, prefix, summary, targets, switched))
