@@ -262,17 +262,24 @@ class ChatRooms:
             raise RpcError("overloaded", f"{MAX_PACED_BROADCASTS} paced broadcasts under way")
         # Evenly over the window, so every client's follow-up call to the business does
         # not land in the same second.
-        slices = max(1, min(len(conns), math.ceil(spread * BROADCAST_SLICES_PER_S)))
-        size = math.ceil(len(conns) / slices)
         self._paced += 1
-        for k in range(slices):
-            chunk = conns[k * size : (k + 1) * size]
-            self._loop.call_later(k * spread / slices, send, chunk)
+        for delay, start, end in paced_slices(len(conns), spread):
+            self._loop.call_later(delay, send, conns[start:end])
         self._loop.call_later(spread, self._paced_done)
         return {"written": len(conns)}
 
     def _paced_done(self) -> None:
         self._paced -= 1
+
+
+def paced_slices(total: int, spread: float) -> list[tuple[float, int, int]]:
+    """(delay, start, end) of each slice of a broadcast to `total` members paced over
+    `spread` seconds: evenly spaced, sizes differing by one at most, so the whole window
+    carries an even share."""
+    slices = max(1, min(total, math.ceil(spread * BROADCAST_SLICES_PER_S)))
+    return [
+        (k * spread / slices, k * total // slices, (k + 1) * total // slices) for k in range(slices)
+    ]
 
 
 def _split_batch(msgs: Sequence[Mapping]) -> list[list[Mapping]]:

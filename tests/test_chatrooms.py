@@ -8,6 +8,7 @@ import time
 import pytest
 
 from im.protocol.errors import ErrorCode
+from room.chatrooms import paced_slices
 from room.fanout import shard_of
 from tests.fixtures.system import System, at_second_start, eventually, metric_value
 
@@ -291,3 +292,14 @@ async def test_several_messages_in_one_room_push_keep_their_order(make_system):
             "room_push",
             {"product": "demo", "room": "r1", "items": [{"msg": push(9), "shard": [3, 2]}]},
         )
+
+
+@pytest.mark.parametrize(("total", "spread"), [(150, 2.0), (7, 30.0), (10_000, 5.0), (1, 1.0)])
+def test_paced_slices_cover_everyone_once_evenly_over_the_window(total, spread) -> None:
+    slices = paced_slices(total, spread)
+    covered = [i for _, start, end in slices for i in range(start, end)]
+    assert covered == list(range(total))
+    sizes = [end - start for _, start, end in slices]
+    assert max(sizes) - min(sizes) <= 1  # the last part of the window gets its share too
+    delays = [delay for delay, _, _ in slices]
+    assert delays[0] == 0 and delays == sorted(delays) and delays[-1] < spread
