@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import signal
 import socket
 import sys
@@ -21,6 +22,7 @@ from im.config import DEV_PRODUCT
 from im.protocol.errors import ErrorCode
 from im.register_client import RegisterClient
 from im.sdk import Client, ServerError
+from room.drain import MAX_AFTER_MS, hint_span, jitter_ms, schedule
 from tests.fixtures.system import ENGINES, RawTcp, System, eventually
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -232,3 +234,14 @@ async def _listening(port: int) -> bool:
         return False
     writer.close()
     return True
+
+
+@pytest.mark.parametrize("window", [30.0, 5.0, 1.0, 0.2, 0.0])
+def test_drain_hints_leave_room_for_every_move_inside_the_window(window: float) -> None:
+    moments = schedule(500, hint_span(window), random.Random(7))
+    assert moments == sorted(moments) and len(moments) == 500
+    last_back = max(moments, default=0.0) + jitter_ms(window) / 1000
+    assert last_back <= window  # the latest hint plus the largest after_ms
+    if window >= 5:
+        assert last_back >= window - 1.0  # and the window is used, not wasted
+    assert jitter_ms(window) <= MAX_AFTER_MS
