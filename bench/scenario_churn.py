@@ -18,19 +18,16 @@ from typing import Any
 from bench.scenario_clients import Plan
 from bench.scenario_common import (
     Context,
-    Qos1Stream,
+    Qos1Phase,
     Scenario,
-    account_stream,
-    cpu_sample,
-    cpu_spent,
-    deliveries,
     latency_text,
     merged,
-    record_cpu,
-    stream_progress,
+    moves_figures,
+    routed_plan,
+    stream_defaults,
+    stream_rows,
 )
 
-GRACE_S = 15.0
 DURATION_S = 20.0
 
 
@@ -50,10 +47,7 @@ def add_arguments(add: Callable[..., Any]) -> None:
 
 
 def defaults(args: argparse.Namespace) -> None:
-    if args.duration is None:
-        args.duration = DURATION_S
-    if args.grace is None:
-        args.grace = GRACE_S
+    stream_defaults(args, DURATION_S)
 
 
 def check(args: argparse.Namespace, error: Callable[[str], None]) -> None:
@@ -64,49 +58,33 @@ def check(args: argparse.Namespace, error: Callable[[str], None]) -> None:
 
 
 def plan(args: argparse.Namespace) -> Plan:
-    return Plan(
-        transport=args.transport,
-        dispatcher=args.dispatcher or "",
-        route_batch=args.route_batch,
-        qos1=True,
-        reconnect=True,
-        churn_rate=args.churn_rate / args.procs,
-        down_s=args.down,
+    return routed_plan(
+        args, qos1=True, reconnect=True, churn_rate=args.churn_rate / args.procs, down_s=args.down
     )
 
 
 async def run(ctx: Context) -> None:
-    args, fleet, summary = ctx.args, ctx.fleet, ctx.summary
-    members = len(ctx.online)
-    stream = Qos1Stream(args, ctx.api_key, ctx.uids(), ctx.prefix)
-    line = stream_progress(stream, fleet)
-    ctx.progress.extra = lambda: (
-        f"{line()} dropped {fleet.total('churned')} back {fleet.total('reconnects')} "
-        f"away {fleet.total('moving')}"
+    args, fleet = ctx.args, ctx.fleet
+    phase = Qos1Phase(
+        ctx,
+        lambda: (
+            f" dropped {fleet.total('churned')} back {fleet.total('reconnects')} "
+            f"away {fleet.total('moving')}"
+        ),
     )
-    start = cpu_sample(ctx.watched)
     ctx.send("churn on")
-    await stream.run()
+    await phase.stream.run()
     ctx.send("churn off")
-    await deliveries(fleet, stream, members, args.grace)
-    spent = cpu_spent(start, cpu_sample(ctx.watched))
-    tallies = await fleet.tallies("scenario")
-    account_stream(summary, stream, fleet)
-    record_cpu(summary, spent, summary["delivered"])
-    summary["churn"] = {
+    tallies = await phase.finish()
+    ctx.summary["churn"] = {
         "rate": args.churn_rate,
         "down_s": args.down,
         "drops": fleet.total("churned"),
-        "server_closes": fleet.total("dropped"),
         "reconnects": fleet.total("reconnects"),
-        "gave_up": fleet.total("gave_up"),
-        "still_away": fleet.total("moving"),
-        "online_end": fleet.total("online"),
-        "members": members,
-        "redelivered": fleet.total("redelivered"),
-        "other_runs": fleet.total("foreign"),
+        "members": phase.members,
         "acked": fleet.total("acked"),
         "back_ms": merged(t["reconnect_time"] for t in tallies).summary_ms(),
+        **moves_figures(fleet),
     }
 
 
@@ -115,13 +93,7 @@ def table_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
     if not churn:
         return []
     return [
-        ("sent", f"{summary['sent']} qos 1 ({summary['send_rate']:.0f}/s achieved)"),
-        ("accepted", f"{summary['accepted_online']} ({summary['http_errors']} HTTP errors)"),
-        ("delivered", str(summary["delivered"])),
-        ("lost", str(summary["lost"])),
-        ("duplicates", f"{summary['duplicates']} at the application"),
-        ("redelivered", f"{churn['redelivered']} (repeats the clients dropped)"),
-        ("latency ms", latency_text(summary["latency_ms"])),
+        *stream_rows(summary, churn["redelivered"]),
         ("drops", f"{churn['drops']} made, {churn['server_closes']} by the server"),
         ("reconnects", f"{churn['reconnects']} ({churn['gave_up']} gave up)"),
         ("back after ms", f"{latency_text(churn['back_ms'])} (drop to auth_ok, --down incl.)"),

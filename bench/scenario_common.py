@@ -1,6 +1,7 @@
 """What the connect, broadcast, churn, drain and upstream scenarios of bench/flood.py share:
-the scenario record, the run's context, CPU samples per process, the QoS 1 stream and its
-accounting, and waiting for the clients to be back online."""
+the scenario record, the run's context, the clients' routing, CPU samples per process, the
+QoS 1 stream with its accounting and report rows, waiting for the clients to be back online
+and what their moves came to."""
 
 from __future__ import annotations
 
@@ -23,6 +24,9 @@ if TYPE_CHECKING:
 
 #: CPU seconds per process, by role (room, center, register, flood).
 CpuSample = dict[str, dict[int, float]]
+#: Default --grace of the QoS 1 stream scenarios: how long every client and every accepted
+#: push get to arrive after the stream.
+STREAM_GRACE_S = 15.0
 
 
 def cpu_sample(watched: Watched) -> CpuSample:
@@ -101,6 +105,17 @@ class Context:
                 pipe.send(command)
 
 
+def routed_plan(args: argparse.Namespace, **behaviour: Any) -> Plan:
+    """Clients on --transport whose first connects go through --dispatcher when there is one,
+    --route-batch clients per route request; `behaviour` sets the rest of the plan."""
+    return Plan(
+        transport=args.transport,
+        dispatcher=args.dispatcher or "",
+        route_batch=args.route_batch,
+        **behaviour,
+    )
+
+
 def merged(pairs: Iterable[tuple[dict[int, int], int]]) -> Histogram:
     histogram = Histogram()
     for buckets, max_ns in pairs:
@@ -125,6 +140,14 @@ async def back_online(fleet: Fleet, members: int, timeout: float) -> bool:
     return await fleet.wait(
         lambda: fleet.total("moving") == 0 and fleet.total("online") >= members, timeout
     )
+
+
+def stream_defaults(args: argparse.Namespace, duration: float) -> None:
+    """--duration and --grace of a QoS 1 stream scenario, where they are not given."""
+    if args.duration is None:
+        args.duration = duration
+    if args.grace is None:
+        args.grace = STREAM_GRACE_S
 
 
 class Qos1Stream(PacedPoster):
@@ -175,6 +198,55 @@ async def deliveries(fleet: Fleet, stream: Qos1Stream, members: int, grace: floa
     await back_online(fleet, members, grace)
     count = fleet.arrivals.count
     await fleet.wait(lambda: stream.missing(count) == 0, max(0.0, deadline - time.monotonic()))
+
+
+class Qos1Phase:
+    """A scenario's QoS 1 stream from start to accounting: the scenario runs `stream` and
+    does its own part meanwhile, then `finish` waits for every client and every accepted push
+    and records the stream's figures and the CPU the phase cost."""
+
+    def __init__(self, ctx: Context, progress: Callable[[], str]) -> None:
+        self.ctx = ctx
+        self.members = len(ctx.online)
+        self.stream = Qos1Stream(ctx.args, ctx.api_key, ctx.uids(), ctx.prefix)
+        line = stream_progress(self.stream, ctx.fleet)
+        ctx.progress.extra = lambda: line() + progress()
+        self.start = cpu_sample(ctx.watched)
+
+    async def finish(self) -> list[Any]:
+        """The workers' scenario tallies, taken once every client is back."""
+        ctx, fleet, summary = self.ctx, self.ctx.fleet, self.ctx.summary
+        await deliveries(fleet, self.stream, self.members, ctx.args.grace)
+        spent = cpu_spent(self.start, cpu_sample(ctx.watched))
+        tallies = await fleet.tallies("scenario")
+        account_stream(summary, self.stream, fleet)
+        record_cpu(summary, spent, summary["delivered"])
+        return tallies
+
+
+def moves_figures(fleet: Fleet) -> dict[str, int]:
+    """Where the clients stand after a phase in which they moved (churn, drain)."""
+    return {
+        "server_closes": fleet.total("dropped"),
+        "gave_up": fleet.total("gave_up"),
+        "still_away": fleet.total("moving"),
+        "online_end": fleet.total("online"),
+        "redelivered": fleet.total("redelivered"),
+        "other_runs": fleet.total("foreign"),
+    }
+
+
+def stream_rows(summary: dict[str, Any], redelivered: int) -> list[tuple[str, str]]:
+    """The report rows of a QoS 1 stream's figures."""
+    return [
+        ("sent", f"{summary['sent']} qos 1 ({summary['send_rate']:.0f}/s achieved)"),
+        ("accepted", f"{summary['accepted_online']} ({summary['http_errors']} HTTP errors)"),
+        ("delivered", str(summary["delivered"])),
+        ("lost", str(summary["lost"])),
+        ("duplicates", f"{summary['duplicates']} at the application"),
+        ("redelivered", f"{redelivered} (repeats the clients dropped)"),
+        ("latency ms", latency_text(summary["latency_ms"])),
+    ]
 
 
 def account_stream(summary: dict[str, Any], stream: Qos1Stream, fleet: Fleet) -> None:

@@ -28,17 +28,15 @@ from bench.latency import Histogram
 from bench.scenario_clients import Plan
 from bench.scenario_common import (
     Context,
-    Qos1Stream,
+    Qos1Phase,
     Scenario,
     ScenarioError,
-    account_stream,
     cpu_sample,
-    cpu_spent,
-    deliveries,
     latency_text,
-    record_cpu,
+    moves_figures,
     sleep_until,
-    stream_progress,
+    stream_defaults,
+    stream_rows,
 )
 from im.register_client import RegisterClient
 from im.rpc import RpcError
@@ -49,7 +47,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LEAVE_GRACE_S = 3.0
 DRAIN_COMMAND_TIMEOUT_S = 30.0
 TAIL_S = 5.0  # default stream time after the window
-GRACE_S = 15.0
 
 
 class DrainFailed(ScenarioError):
@@ -124,10 +121,7 @@ def add_arguments(add: Callable[..., Any]) -> None:
 
 
 def defaults(args: argparse.Namespace) -> None:
-    if args.duration is None:
-        args.duration = args.drain_after + args.drain_window + TAIL_S
-    if args.grace is None:
-        args.grace = GRACE_S
+    stream_defaults(args, args.drain_after + args.drain_window + TAIL_S)
     if args.drain_instance is None:
         args.drain_instance = f"{args.host}:{args.base_port + 100}"
 
@@ -158,16 +152,15 @@ async def run(ctx: Context) -> None:
     args, fleet, summary = ctx.args, ctx.fleet, ctx.summary
     register = register_address(args)
     node = await find_node(register, args.drain_instance)
-    members = len(ctx.online)
-    stream = Qos1Stream(args, ctx.api_key, ctx.uids(), ctx.prefix)
-    line = stream_progress(stream, fleet)
-    ctx.progress.extra = lambda: (
-        f"{line()} hinted {fleet.total('hints')} moved {fleet.total('reconnects')} "
-        f"away {fleet.total('moving')}"
+    phase = Qos1Phase(
+        ctx,
+        lambda: (
+            f" hinted {fleet.total('hints')} moved {fleet.total('reconnects')} "
+            f"away {fleet.total('moving')}"
+        ),
     )
-    start = cpu_sample(ctx.watched)
     begun = time.monotonic()
-    pushing = asyncio.create_task(stream.run())
+    pushing = asyncio.create_task(phase.stream.run())
     await sleep_until(begun + args.drain_after)
     drain_at = time.time()
     try:
@@ -176,27 +169,18 @@ async def run(ctx: Context) -> None:
         summary["errors"][str(exc)] = 1
         answer = {}
     await pushing
-    await deliveries(fleet, stream, members, args.grace)
-    spent = cpu_spent(start, cpu_sample(ctx.watched))
-    tallies = await fleet.tallies("scenario")
-    account_stream(summary, stream, fleet)
-    record_cpu(summary, spent, summary["delivered"])
+    tallies = await phase.finish()
     moves = [move for tally in tallies for move in tally["moves"]]
     by_target: Counter[str] = Counter()
     for tally in tallies:
         by_target.update(tally["by_target"])
     alive = cpu_sample(ctx.watched)["room"]
-    summary["drain"] = drain_figures(args, node, answer, drain_at, moves, members)
+    summary["drain"] = drain_figures(args, node, answer, drain_at, moves, phase.members)
     summary["drain"].update(
         hints=fleet.total("hints"),
-        server_closes=fleet.total("dropped"),
-        gave_up=fleet.total("gave_up"),
-        still_away=fleet.total("moving"),
-        online_end=fleet.total("online"),
-        redelivered=fleet.total("redelivered"),
-        other_runs=fleet.total("foreign"),
         by_target=dict(by_target),
         room_pids_exited=[pid for pid in ctx.cpu.start["room"] if pid not in alive],
+        **moves_figures(fleet),
     )
 
 
@@ -237,13 +221,7 @@ def table_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
         return []
     return [
         ("drained", f"{drain['instance']} ({drain['rpc']}), window {drain['window_s']:g} s"),
-        ("sent", f"{summary['sent']} qos 1 ({summary['send_rate']:.0f}/s achieved)"),
-        ("accepted", f"{summary['accepted_online']} ({summary['http_errors']} HTTP errors)"),
-        ("delivered", str(summary["delivered"])),
-        ("lost", str(summary["lost"])),
-        ("duplicates", f"{summary['duplicates']} at the application"),
-        ("redelivered", f"{drain['redelivered']} (repeats the clients dropped)"),
-        ("latency ms", latency_text(summary["latency_ms"])),
+        *stream_rows(summary, drain["redelivered"]),
         ("reconnected", f"{drain['reconnected']} of {drain['members']} after a hint"),
         ("hint to back ms", latency_text(drain["hint_to_back_ms"])),
         ("minus after_ms", latency_text(drain["back_after_wait_ms"])),

@@ -8,7 +8,6 @@ import json
 import multiprocessing
 import os
 import random
-import signal
 import socket
 import subprocess
 import sys
@@ -30,7 +29,9 @@ from bench.clients import (
     summarize,
 )
 from bench.latency import BUCKET_NS, Histogram
+from bench.ports import accepts, is_free
 from bench.roomrun import RoomMetrics, parse_room_metrics, parse_rpc_latency, rpc_delta
+from bench.servers import stop_process
 from im.config import dev_products
 from im.protocol import websocket as ws
 from im.switches import parse_switches
@@ -344,38 +345,13 @@ async def test_room_members_count_identical_chunks_from_the_cache() -> None:
 # -- whole runs ----------------------------------------------------------------------------
 
 
-def _free(port: int) -> bool:
-    with socket.socket() as probe:
-        try:
-            probe.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def _listening(port: int) -> bool:
-    with socket.socket() as probe:
-        probe.settimeout(0.2)
-        return probe.connect_ex(("127.0.0.1", port)) == 0
-
-
 def _wait_listening(ports: list[int], process: subprocess.Popen, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and process.poll() is None:
-        if all(_listening(p) for p in ports):
+        if all(accepts(p) for p in ports):
             return True
         time.sleep(0.1)
     return False
-
-
-def _stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 def _im_up(rooms: int) -> Iterator[dict[str, int]]:
@@ -387,7 +363,7 @@ def _im_up(rooms: int) -> Iterator[dict[str, int]]:
         listening = [base + i for i in range(2 * rooms)] + [ports["center"]]
         needed = [*listening, *(base + 100 + i for i in range(rooms))]
         needed += [ports["register"], ports["register"] + 1]
-        if not all(_free(p) for p in needed):
+        if not all(is_free(p) for p in needed):
             continue
         process = subprocess.Popen(
             [sys.executable, "-m", "im", "up", "--rooms", str(rooms), "--base-port", str(base)]
@@ -400,9 +376,9 @@ def _im_up(rooms: int) -> Iterator[dict[str, int]]:
             try:
                 yield ports
             finally:
-                _stop(process)
+                stop_process(process)
             return
-        _stop(process)
+        stop_process(process)
     pytest.fail("could not start im up on free ports")
 
 
@@ -449,7 +425,7 @@ def test_unicast_run_delivers_everything(system: dict[str, int], tmp_path: Path)
 
 
 def test_idle_run_against_the_websockets_peer(tmp_path: Path) -> None:
-    port = next(p for p in iter(lambda: random.randrange(20000, 30000), None) if _free(p))
+    port = next(p for p in iter(lambda: random.randrange(20000, 30000), None) if is_free(p))
     peer = subprocess.Popen(
         [sys.executable, str(PEER), "--port", str(port)],
         stdout=subprocess.PIPE,
@@ -465,7 +441,7 @@ def test_idle_run_against_the_websockets_peer(tmp_path: Path) -> None:
             tmp_path / "peer.json",
         )
     finally:
-        _stop(peer)
+        stop_process(peer)
     assert summary["connections"] == 40
     assert summary["connect_failed"] == 0
     assert summary["room_pids"] == [peer.pid]

@@ -38,6 +38,7 @@ from im.ids import id_time_ms, new_id
 from im.register_client import RegisterClient
 from im.sessions import Node
 from room.server import RoomServer
+from tests.fixtures.business import BusinessApi
 from tests.fixtures.system import HOST, RawClient, System, at_second_start, eventually
 
 CHROMIUM = "/usr/bin/chromium"
@@ -307,26 +308,7 @@ async def got(tab: Tab, msg_id: str) -> dict[str, Any]:
     return await tab.evaluate("(id) => window.got.find((m) => m.id === id)", msg_id)
 
 
-class Business:
-    """Center's HTTP API with the product's key (or another one)."""
-
-    def __init__(self, http: aiohttp.ClientSession, system: System) -> None:
-        self.http = http
-        self.system = system
-
-    async def call(
-        self, method: str, path: str, body: Any = None, key: str = System.api_key
-    ) -> tuple[int, Any]:
-        headers = {"Authorization": f"Bearer {key}"} if key else {}
-        url = self.system.center_url + path
-        async with self.http.request(method, url, json=body, headers=headers) as response:
-            return response.status, await response.json()
-
-    async def ok(self, method: str, path: str, body: Any = None, key: str = System.api_key) -> Any:
-        status, answer = await self.call(method, path, body, key)
-        assert status == 200, answer
-        return answer
-
+class Business(BusinessApi):
     async def unicast(self, uid: str, body: Any, qos: int = 0) -> str:
         answer = await self.ok("POST", "/v1/push/users", {"uids": [uid], "body": body, "qos": qos})
         return answer["id"]
@@ -335,7 +317,7 @@ class Business:
         return (await self.ok("POST", f"/v1/push/rooms/{room}", {"body": body, "pri": pri}))["id"]
 
     async def state(self, msg_id: str, uid: str) -> str | None:
-        return (await self.ok("GET", f"/v1/messages/{msg_id}"))["states"].get(uid)
+        return (await self.states(msg_id)).get(uid)
 
 
 async def restart_room(system: System, i: int) -> RoomServer:

@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from bench.ports import free_port, is_free
 from im.auth import issue_token, verify_token
 from im.config import dev_products, load_products
 from tests.fixtures.system import RawTcp, eventually
@@ -101,23 +101,12 @@ def test_unknown_command_exits_2_with_usage() -> None:
 # -- im up -----------------------------------------------------------------------------
 
 
-def _bindable(port: int) -> bool:
-    with socket.socket() as sock:
-        try:
-            sock.bind((HOST, port))
-        except OSError:
-            return False
-    return True
-
-
 def free_block(offsets: Iterable[int]) -> int:
     """A port p such that p + each offset is free right now."""
     offsets = tuple(offsets)
     for _ in range(100):
-        with socket.socket() as sock:
-            sock.bind((HOST, 0))
-            base = sock.getsockname()[1]
-        if base + max(offsets) < 65536 and all(_bindable(base + o) for o in offsets[1:]):
+        base = free_port()
+        if base + max(offsets) < 65536 and all(is_free(base + o) for o in offsets[1:]):
             return base
     raise RuntimeError("no free block of ports")
 

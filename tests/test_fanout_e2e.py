@@ -17,6 +17,7 @@ import pytest_asyncio
 from im.config import DEV_ADMIN_KEY, DEV_PRODUCT, Product, dev_products
 from im.sdk import Client
 from room.fanout import shard_of
+from tests.fixtures.business import BusinessApi
 from tests.fixtures.system import (
     FANOUT_ENGINES,
     RawClient,
@@ -39,26 +40,8 @@ CENTER_SWITCHES = {"room_pin", "shard_size"}
 OTHER = Product("other", "other-secret-0123456789abcdef", "other-key")
 
 
-class Business:
-    """A business server and an operator: center's HTTP API with the product's key or the
-    admin key."""
-
-    def __init__(self, http: aiohttp.ClientSession, system: System) -> None:
-        self.http = http
-        self.system = system
-
-    async def call(
-        self, method: str, path: str, body: Any = None, key: str = System.api_key
-    ) -> tuple[int, Any]:
-        headers = {"Authorization": f"Bearer {key}"} if key else {}
-        url = self.system.center_url + path
-        async with self.http.request(method, url, json=body, headers=headers) as response:
-            return response.status, await response.json()
-
-    async def ok(self, method: str, path: str, body: Any = None) -> dict[str, Any]:
-        status, answer = await self.call(method, path, body)
-        assert status == 200, answer
-        return answer
+class Business(BusinessApi):
+    """Room pushes, bursts of them, room counts and the switches, as these tests use them."""
 
     async def push_room(self, room: str, **fields: Any) -> dict[str, Any]:
         return await self.ok("POST", f"/v1/push/rooms/{room}", {"body": None, **fields})
@@ -85,16 +68,13 @@ class Business:
         await eventually(counted)
 
     async def switches(self) -> dict[str, Any]:
-        status, answer = await self.call("GET", "/v1/admin/switches", key=DEV_ADMIN_KEY)
-        assert status == 200, answer
-        return answer
+        return await self.ok("GET", "/v1/admin/switches", key=DEV_ADMIN_KEY)
 
     async def apply(self, **fields: Any) -> int:
         """PUT a whole document (defaults for what is not given) and wait until every room
         instance has it in force, and center and its workers too when it sets a switch they
         read."""
-        status, answer = await self.call("PUT", "/v1/admin/switches", fields, key=DEV_ADMIN_KEY)
-        assert status == 200, answer
+        answer = await self.ok("PUT", "/v1/admin/switches", fields, key=DEV_ADMIN_KEY)
         version = answer["version"]
         system = self.system
         assert system.center is not None

@@ -9,8 +9,6 @@ import json
 import multiprocessing
 import os
 import random
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,11 +22,13 @@ import pytest
 
 from bench.clients import CLOSED, ServerFrameParser, Target, WorkerSpec, WsClient
 from bench.latency import BUCKET_NS
+from bench.ports import accepts, is_free
 from bench.scenario_broadcast import evenness, spread_bins
 from bench.scenario_clients import Plan, backoff
 from bench.scenario_common import cpu_spent
 from bench.scenario_drain import drain_figures
 from bench.scenario_route import RouteError, parse_route, route_url
+from bench.servers import stop_process
 from im.config import dev_products
 from im.protocol import websocket as ws
 from im.sessions import Node
@@ -220,15 +220,6 @@ async def test_broadcast_receipts_are_tallied_per_client_and_number() -> None:
 # -- whole runs against `im up` ------------------------------------------------------------
 
 
-def _free(port: int) -> bool:
-    with socket.socket() as probe:
-        try:
-            probe.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
 def _route_count(dispatcher: int) -> int:
     url = f"http://127.0.0.1:{dispatcher}/v1/route?product=demo&uid=probe&transport=ws"
     try:
@@ -236,12 +227,6 @@ def _route_count(dispatcher: int) -> int:
             return len(json.loads(response.read())["addresses"])
     except (OSError, ValueError, KeyError):
         return 0
-
-
-def _listening(port: int) -> bool:
-    with socket.socket() as probe:
-        probe.settimeout(0.2)
-        return probe.connect_ex(("127.0.0.1", port)) == 0
 
 
 PRODUCTS = """[products.demo]
@@ -264,7 +249,7 @@ def system(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
         ports = {"base": base, "center": base + 20, "register": base + 30, "dispatcher": base + 40,
                  "webhook": base + 50, "config": str(config)}  # fmt: skip
         needed = [*range(base, base + 4), base + 100, base + 101, base + 20, base + 40]
-        if not all(_free(p) for p in [*needed, *range(base + 30, base + 40), base + 50]):
+        if not all(is_free(p) for p in [*needed, *range(base + 30, base + 40), base + 50]):
             continue
         process = subprocess.Popen(
             [sys.executable, "-m", "im", "up", "--rooms", "2", "--base-port", str(base),
@@ -275,28 +260,18 @@ def system(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
         )  # fmt: skip
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline and process.poll() is None:
-            if all(_listening(p) for p in needed) and _route_count(ports["dispatcher"]) == 2:
+            if all(accepts(p) for p in needed) and _route_count(ports["dispatcher"]) == 2:
                 break
             time.sleep(0.1)
         else:
-            _stop(process)
+            stop_process(process)
             continue
         try:
             yield ports
         finally:
-            _stop(process)
+            stop_process(process)
         return
     pytest.fail("could not start im up on free ports")
-
-
-def _stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 def _flood(system: dict[str, Any], args: list[str], out: Path) -> dict:
@@ -337,7 +312,7 @@ def test_connect_storm_through_the_dispatcher(system: dict[str, Any], tmp_path: 
 
 
 def test_connect_failures_are_counted_by_reason(system: dict[str, Any], tmp_path: Path) -> None:
-    closed = next(p for p in iter(lambda: random.randrange(20000, 30000), None) if _free(p))
+    closed = next(p for p in iter(lambda: random.randrange(20000, 30000), None) if is_free(p))
     summary = _flood(
         system,
         ["--scenario", "connect", "--clients", "10", "--transport", "tcp",

@@ -20,37 +20,17 @@ from im.sdk import Client
 from saver.config import SaverConfig
 from saver.engines.redis import RedisStore as RedisMessageStore
 from saver.server import SaverServer
-from tests.fixtures.system import ENGINES, RawClient, System, eventually
+from tests.fixtures.business import BusinessApi
+from tests.fixtures.system import ENGINES, RawClient, eventually
 
 #: How long to listen for something that must not come.
 QUIET = 0.3
 PUSH_USERS = "/v1/push/users"
 
 
-class Business:
-    def __init__(self, http: aiohttp.ClientSession, system: System) -> None:
-        self.http = http
-        self.system = system
-
-    async def call(
-        self, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None
-    ) -> tuple[int, Any, dict[str, str]]:
-        sent = {"Authorization": f"Bearer {System.api_key}", **(headers or {})}
-        url = self.system.center_url + path
-        async with self.http.request(method, url, json=body, headers=sent) as response:
-            return response.status, await response.json(), dict(response.headers)
-
+class Business(BusinessApi):
     async def push(self, uid: str, body: Any, **fields: Any) -> dict[str, Any]:
-        status, answer, _ = await self.call(
-            "POST", PUSH_USERS, {"uids": [uid], "qos": 1, "body": body, **fields}
-        )
-        assert status == 200, answer
-        return answer
-
-    async def states(self, msg_id: str) -> dict[str, str]:
-        status, answer, _ = await self.call("GET", f"/v1/messages/{msg_id}")
-        assert status == 200, answer
-        return answer["states"]
+        return await self.ok("POST", PUSH_USERS, {"uids": [uid], "qos": 1, "body": body, **fields})
 
 
 @pytest_asyncio.fixture
@@ -104,7 +84,7 @@ async def test_offline_messages_come_at_login_in_order_then_live_ones(
     ack(client, *first, fourth)
     for msg_id in [*[a["id"] for a in stored], live["id"]]:
         await eventually(lambda msg_id=msg_id: _state_is(business, msg_id, "acked"))
-    status, answer, _ = await business.call("GET", f"/v1/messages/{live['id']}")
+    status, answer = await business.call("GET", f"/v1/messages/{live['id']}")
     assert answer["recipients"] == 1 and answer["counts"]["acked"] == 1
     client.close()
     await silent(await system.online("u1", 0))  # acked: nothing is pending any more
@@ -122,15 +102,17 @@ async def test_an_idempotency_key_stores_once_and_answers_the_first_answer(
     business = Business(http, system)
     body = {"uids": ["u2"], "qos": 1, "body": {"order": 7}}
     key = {"Idempotency-Key": "order-7-paid"}
-    status, first, headers = await business.call("POST", PUSH_USERS, body, key)
+    status, first, headers = await business.request("POST", PUSH_USERS, body, headers=key)
     assert status == 200 and "Idempotent-Replayed" not in headers
-    status, again, headers = await business.call("POST", PUSH_USERS, body, key)
+    status, again, headers = await business.request("POST", PUSH_USERS, body, headers=key)
     assert (status, again, headers.get("Idempotent-Replayed")) == (200, first, "true")
 
     changed = {**body, "body": {"order": 8}}
-    status, refused, _ = await business.call("POST", PUSH_USERS, changed, key)
+    status, refused, _ = await business.request("POST", PUSH_USERS, changed, headers=key)
     assert status == 422 and refused["error"]["code"] == "idempotency_conflict"
-    status, refused, _ = await business.call("POST", PUSH_USERS, body, {"Idempotency-Key": " "})
+    status, refused, _ = await business.request(
+        "POST", PUSH_USERS, body, headers={"Idempotency-Key": " "}
+    )
     assert status == 400 and "Idempotency-Key" in refused["error"]["message"]
 
     client = await system.online("u2")
@@ -201,7 +183,7 @@ async def test_a_qos1_broadcast_is_stored_once_and_reaches_later_logins_once(
     system = await make_system(engine)
     business = Business(http, system)
     early = await system.online("b1", 0)
-    status, answer, _ = await business.call(
+    status, answer = await business.call(
         "POST", "/v1/push/broadcast", {"qos": 1, "body": {"notice": 1}, "spread_s": 0}
     )
     assert status == 200 and answer["stored"] == 1
@@ -218,7 +200,7 @@ async def test_a_qos1_broadcast_is_stored_once_and_reaches_later_logins_once(
     late.close()
     await silent(await system.online("b1", 1))
     await silent(await system.online("b2", 0))
-    status, answer, _ = await business.call("GET", f"/v1/messages/{answer['id']}")
+    status, answer = await business.call("GET", f"/v1/messages/{answer['id']}")
     assert status == 404  # broadcasts keep no per-user states
 
 
@@ -229,14 +211,14 @@ async def test_a_pull_notify_carries_the_key_and_no_body(make_system, http, engi
     client = await system.online("u5")
     answer = await business.push("u5", None, pull="orders/991")
     del answer
-    status, refused, _ = await business.call(
+    status, refused = await business.call(
         "POST", PUSH_USERS, {"uids": ["u5"], "qos": 1, "pull": ""}
     )
     assert status == 400 and "'pull'" in refused["error"]["message"]
     (notify,) = await pushes(client, 1)
     assert notify["pull"] == "orders/991" and notify["body"] is None
 
-    status, _, _ = await business.call("POST", PUSH_USERS, {"uids": ["u5"], "pull": "orders/992"})
+    status, _ = await business.call("POST", PUSH_USERS, {"uids": ["u5"], "pull": "orders/992"})
     assert status == 200
     (bare,) = await pushes(client, 1)
     assert bare["pull"] == "orders/992" and "body" not in bare
@@ -247,12 +229,12 @@ async def test_without_the_saver_qos1_is_refused_and_qos0_still_flows(make_syste
     business = Business(http, system)
     await system.saver.close()
     client = await system.online("u6")  # login still works: nothing can be pending
-    status, refused, headers = await business.call(
+    status, refused, headers = await business.request(
         "POST", PUSH_USERS, {"uids": ["u6"], "qos": 1, "body": 1}
     )
     assert status == 503 and refused["error"]["code"] == "unavailable"
     assert "saver" in refused["error"]["message"] and headers["Retry-After"] == "1"
-    status, answer, _ = await business.call("POST", PUSH_USERS, {"uids": ["u6"], "body": 2})
+    status, answer = await business.call("POST", PUSH_USERS, {"uids": ["u6"], "body": 2})
     assert status == 200 and answer["online"] == 1
     (live,) = await pushes(client, 1)
     assert live["body"] == 2
@@ -281,12 +263,10 @@ async def test_pending_messages_missed_while_the_saver_was_down_come_later(
 async def test_bad_message_ids_and_unknown_ones_are_clear_errors(make_system, http) -> None:
     system = await make_system("memory", rooms=1)
     business = Business(http, system)
-    status, body, _ = await business.call("GET", "/v1/messages/not-an-id")
+    status, body = await business.call("GET", "/v1/messages/not-an-id")
     assert status == 400 and "'id'" in body["error"]["message"]
     qos0 = await Business(http, system).call("POST", PUSH_USERS, {"uids": ["u8"], "body": 0})
-    status, body, _ = await business.call("GET", f"/v1/messages/{qos0[1]['id']}")
+    status, body = await business.call("GET", f"/v1/messages/{qos0[1]['id']}")
     assert status == 404 and body["error"]["code"] == "not_found"
-    status, body, _ = await business.call(
-        "POST", PUSH_USERS, {"uids": ["u8"], "body": 0, "ttl": 60}
-    )
+    status, body = await business.call("POST", PUSH_USERS, {"uids": ["u8"], "body": 0, "ttl": 60})
     assert status == 400 and "'ttl'" in body["error"]["message"]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from abc import ABC, abstractmethod
 from collections import deque
 from dataclasses import dataclass
 from ssl import SSLContext, create_default_context
@@ -98,29 +99,59 @@ def _refused_handshake(reply: bytes) -> Exception:
     return ConnectionError(f"not an encrypted channel reply ({len(reply)} bytes)")
 
 
-class TcpTransport:
+class _Channel(ABC):
+    """What both transports do around the bytes on the wire: encode, seal on the encrypted
+    channel, and remember the server's close frame."""
+
+    __slots__ = ("_encoding", "_session", "close_code", "close_reason")
+
+    def __init__(self, encoding: Encoding) -> None:
+        self._encoding = encoding
+        self._session: SecureSession | None = None
+        self.close_code: int | None = None
+        self.close_reason = ""
+
+    def _pack(self, message: dict[str, Any]) -> bytes:
+        payload = encode(message, self._encoding)
+        return payload if self._session is None else self._session.seal(payload)
+
+    def _unpack(self, payload: bytes) -> dict[str, Any]:
+        if self._session is not None:
+            payload = self._session.open(payload)
+        return decode(payload, self._encoding)
+
+    async def _secure(self, server_key: bytes | None) -> None:
+        """Run the channel handshake when there is a key; a failed one closes the connection."""
+        if server_key is None:
+            return
+        try:
+            self._session = await self._handshake(ClientHandshake(server_key))
+        except BaseException:
+            await self.close()
+            raise
+
+    @abstractmethod
+    async def _handshake(self, handshake: ClientHandshake) -> SecureSession:
+        """Send the hello, read the reply: the session it opens."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Close the connection; a failed handshake calls it too."""
+
+
+class TcpTransport(_Channel):
     """Length-prefixed msgpack frames over asyncio streams (sealed on the channel)."""
 
-    __slots__ = (
-        "_reader",
-        "_writer",
-        "_decoder",
-        "_ready",
-        "_session",
-        "close_code",
-        "close_reason",
-    )
+    __slots__ = ("_reader", "_writer", "_decoder", "_ready")
 
     def __init__(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, max_frame: int
     ) -> None:
+        super().__init__(Encoding.MSGPACK)
         self._reader = reader
         self._writer = writer
         self._decoder = FrameDecoder(max_frame)
         self._ready: deque[bytes] = deque()
-        self._session: SecureSession | None = None
-        self.close_code: int | None = None
-        self.close_reason = ""
 
     @classmethod
     async def open(
@@ -135,29 +166,20 @@ class TcpTransport:
         """`ssl` runs TLS; `server_key` the encrypted channel (its handshake happens here)."""
         reader, writer = await asyncio.open_connection(host, port, limit=READ_CHUNK, ssl=ssl)
         transport = cls(reader, writer, max_frame)
-        if server_key is not None:
-            try:
-                await transport._handshake(server_key)
-            except BaseException:
-                await transport.close()
-                raise
+        await transport._secure(server_key)
         return transport
 
-    async def _handshake(self, server_key: bytes) -> None:
-        handshake = ClientHandshake(server_key)
+    async def _handshake(self, handshake: ClientHandshake) -> SecureSession:
         self._writer.write(frame(handshake.hello))
         reply = await self._payload()
         if len(reply) != REPLY_SIZE:
             raise _refused_handshake(reply)
-        self._session = handshake.finish(reply)
+        return handshake.finish(reply)
 
     async def send(self, message: dict[str, Any]) -> None:
         if self._writer.is_closing():
             raise TransportClosed()
-        payload = encode(message, Encoding.MSGPACK)
-        if self._session is not None:
-            payload = self._session.seal(payload)
-        self._writer.write(frame(payload))
+        self._writer.write(frame(self._pack(message)))
         await self._writer.drain()
 
     async def _payload(self) -> bytes:
@@ -170,10 +192,7 @@ class TcpTransport:
 
     async def recv(self) -> dict[str, Any]:
         """Next map; cancelling it loses nothing, so callers may wrap it in a timeout."""
-        payload = await self._payload()
-        if self._session is not None:
-            payload = self._session.open(payload)
-        return decode(payload, Encoding.MSGPACK)
+        return self._unpack(await self._payload())
 
     async def close(self) -> None:
         writer = self._writer
@@ -185,19 +204,16 @@ class TcpTransport:
             writer.transport.abort()
 
 
-class WsTransport:
+class WsTransport(_Channel):
     """One map per WebSocket message: binary msgpack or text JSON, by subprotocol; on the
     encrypted channel (`im.v1.msgpack+secure`) binary sealed msgpack."""
 
-    __slots__ = ("_ws", "_encoding", "_text", "_session", "close_code", "close_reason")
+    __slots__ = ("_ws", "_text")
 
     def __init__(self, ws: ClientConnection, encoding: Encoding) -> None:
+        super().__init__(encoding)
         self._ws = ws
-        self._encoding = encoding
         self._text = encoding is Encoding.JSON
-        self._session: SecureSession | None = None
-        self.close_code: int | None = None
-        self.close_reason = ""
 
     @classmethod
     async def open(
@@ -228,29 +244,22 @@ class WsTransport:
         except InvalidHandshake as exc:
             raise ConnectionError(f"WebSocket handshake with {url} failed: {exc}") from exc
         transport = cls(ws, encoding)
-        try:
-            if ws.subprotocol != subprotocol:
-                raise ConnectionError(f"{url} did not accept subprotocol {subprotocol}")
-            if server_key is not None:
-                await transport._handshake(server_key)
-        except BaseException:
+        if ws.subprotocol != subprotocol:
             await transport.close()
-            raise
+            raise ConnectionError(f"{url} did not accept subprotocol {subprotocol}")
+        await transport._secure(server_key)
         return transport
 
-    async def _handshake(self, server_key: bytes) -> None:
-        handshake = ClientHandshake(server_key)
+    async def _handshake(self, handshake: ClientHandshake) -> SecureSession:
         try:
             await self._ws.send(handshake.hello)
             reply = await self._ws.recv(decode=False)
         except ConnectionClosed as exc:
             raise self._closed(exc) from None
-        self._session = handshake.finish(reply)
+        return handshake.finish(reply)
 
     async def send(self, message: dict[str, Any]) -> None:
-        payload = encode(message, self._encoding)
-        if self._session is not None:
-            payload = self._session.seal(payload)
+        payload = self._pack(message)
         try:
             await self._ws.send(payload, text=self._text)
         except ConnectionClosed as exc:
@@ -262,9 +271,7 @@ class WsTransport:
             data = await self._ws.recv(decode=False)
         except ConnectionClosed as exc:
             raise self._closed(exc) from None
-        if self._session is not None:
-            data = self._session.open(data)
-        return decode(data, self._encoding)
+        return self._unpack(data)
 
     async def close(self) -> None:
         with contextlib.suppress(OSError):
