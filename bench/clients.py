@@ -48,6 +48,8 @@ TOKEN_TTL_S = 24 * 3600
 MAX_CACHED_CHUNKS = 4096  # distinct room chunks remembered per worker; then start over
 MAX_PROBE_COUNT = 255
 DEFAULT_HEARTBEAT_S = 25.0
+LAG_TICK_S = 0.01  # how often a worker samples its own event-loop lag
+SLOW_NS = 100_000_000  # high-priority receipts slower than this are counted per second
 
 
 class ServerFrameError(ValueError):
@@ -412,6 +414,8 @@ class Worker:
         self.like_units = 0
         self.high_latency = Histogram()
         self.probe_latency = Histogram()
+        self.loop_lag = Histogram()  # while room pushes flow: see sample_loop_lag
+        self.slow: Counter[int] = Counter()  # Unix second -> high receipts over SLOW_NS
         self.probes: list[bytearray] = []
         self.stray = 0  # probe receipts with a sequence number outside the run
         self.hb = spec.ping_interval
@@ -494,7 +498,10 @@ class Worker:
         if chunk.high_sent or (probe is not None and chunk.sent):
             now = time.time_ns()
             for sent in chunk.high_sent:
-                self.high_latency.add(now - sent)
+                late = now - sent
+                self.high_latency.add(late)
+                if late > SLOW_NS:
+                    self.slow[now // 1_000_000_000] += 1
             if probe is not None:
                 for sent in chunk.sent:
                     self.probe_latency.add(now - sent)
@@ -523,6 +530,8 @@ class Worker:
             "like_units": self.like_units,
             "high_latency": (self.high_latency.buckets, self.high_latency.max_ns),
             "probe_latency": (self.probe_latency.buckets, self.probe_latency.max_ns),
+            "loop_lag": (self.loop_lag.buckets, self.loop_lag.max_ns),
+            "slow": dict(self.slow),
             "probes": [bytes(p) for p in self.probes],
             "stray": self.stray,
         }
@@ -645,6 +654,15 @@ class Worker:
                 if client.state == ONLINE:
                     client.transport.write(data)
 
+    async def sample_loop_lag(self) -> None:
+        """How late this process's event loop wakes once room pushes flow. A client reads
+        its socket no sooner than that, so it is the tester's own share of the latency."""
+        while True:
+            due = self.loop.time() + LAG_TICK_S
+            await asyncio.sleep(LAG_TICK_S)
+            if self.room_pushes:
+                self.loop_lag.add(round((self.loop.time() - due) * 1e9))
+
     def counts(self) -> dict[str, Any]:
         return {
             "launched": self.launched,
@@ -694,6 +712,8 @@ class Worker:
             self.loop.create_task(self.reporter()),
             self.loop.create_task(self.heartbeats()),
         ]
+        if self.room is not None:
+            background.append(self.loop.create_task(self.sample_loop_lag()))
         await self.connect_all()
         self.report(
             "ready",

@@ -16,7 +16,7 @@ import time
 import urllib.error
 import urllib.request
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
@@ -24,7 +24,7 @@ from urllib.parse import quote
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench import liveroom
+from bench import liveroom, procstat
 from bench.clients import Target
 from bench.latency import Histogram
 from bench.poster import HTTP_TIMEOUT_S, PacedPoster
@@ -282,11 +282,14 @@ async def run(
         publisher = RoomPublisher(args, api_key)
         set_publisher(publisher)
         cpu_start = watched.cpu()
+        box_start = box_busy_seconds()
         started = time.monotonic()
+        summary["live_room"]["push_started"] = time.time()
         await publisher.run()
         await _quiet(fleet, args.grace)
         phase = time.monotonic() - started
         cpu_end = watched.cpu()
+        box = box_busy_seconds() - box_start
         after = await scrape(session, targets, args.room, errors)
         rpc = rpc_delta(await center_rpc(session, args.center, errors), rpc_before)
     tallies = await fleet.tallies()
@@ -294,7 +297,7 @@ async def run(
     _account(args, publisher, tallies, deltas, by_target, counted, switched, summary)
     summary["live_room"]["push_phase_s"] = phase
     summary["live_room"]["center_rpc"] = rpc
-    _cpu(summary, watched, cpu_start, cpu_end, phase)
+    _cpu(summary, watched, cpu_start, cpu_end, phase, box)
 
 
 async def _quiet(fleet: Fleet, grace: float) -> None:
@@ -322,7 +325,8 @@ def _account(
 ) -> None:
     by_type: Counter[tuple[str, str]] = Counter()
     like_units = stray = 0
-    high, probe_latency = Histogram(), Histogram()
+    slow: Counter[int] = Counter()
+    high, probe_latency, loop_lag = Histogram(), Histogram(), Histogram()
     probes: list[bytes] = []
     for tally in tallies:
         for mtype, pri, n in tally["by_type"]:
@@ -330,8 +334,10 @@ def _account(
         like_units += tally["like_units"]
         high.merge(*tally["high_latency"])
         probe_latency.merge(*tally["probe_latency"])
+        loop_lag.merge(*tally["loop_lag"])
         probes += tally["probes"]
         stray += tally["stray"]
+        slow.update(tally["slow"])
     members = sum(by_target)
     accepted = publisher.accepted_by_kind()
     rows = liveroom.type_rows(
@@ -399,7 +405,11 @@ def _account(
         unexpected_drops=unexpected,
         queue_drops=dict(queue_drops),
         high_shortfall=sum(r["shortfall"] for r in rows if r["pri"] == "high"),
-        latency_ms={"high": high.summary_ms(), "probes_all": probe_latency.summary_ms()},
+        latency_ms={
+            "high": high.summary_ms(),
+            "probes_all": probe_latency.summary_ms(),
+            "client_loop_lag": loop_lag.summary_ms(),
+        },
         probes={
             "count": len(probes),
             "duplicates": sum(max(0, n - 1) for probe in probes for n in probe),
@@ -408,7 +418,28 @@ def _account(
         room_reported_deliveries=room_delivered,
         room_writes=room_writes,
         messages_per_write=room_delivered / room_writes if room_writes else None,
+        high_slow_by_second=slow_seconds(slow, summary["live_room"]["push_started"]),
     )
+
+
+def box_busy_seconds() -> float:
+    """CPU seconds all cores of the box have been busy since boot, from /proc/stat."""
+    with open("/proc/stat", encoding="ascii") as stat:
+        return parse_box_busy(stat.readline()) / procstat.CLOCK_TICKS
+
+
+def parse_box_busy(cpu_line: str) -> int:
+    """Busy clock ticks in the `cpu` line of /proc/stat: all but idle and iowait."""
+    ticks = [int(field) for field in cpu_line.split()[1:9]]
+    return sum(ticks) - ticks[3] - ticks[4]
+
+
+def slow_seconds(slow: Mapping[int, int], started: float) -> list[int]:
+    """High-priority receipts over 100 ms in each second from the first push: whether the
+    tail is spread over the run or comes from a few bad seconds."""
+    first = int(started)
+    last = max(slow, default=first)
+    return [slow.get(second, 0) for second in range(first, last + 1)]
 
 
 def _cpu(
@@ -417,13 +448,18 @@ def _cpu(
     start: dict[str, tuple[float, float]],
     end: dict[str, tuple[float, float]],
     phase: float,
+    box: float,
 ) -> None:
+    """CPU by role, and of the whole box: `others` is what processes outside the run used
+    (a busy neighbour makes every latency figure of the run worse)."""
     delivered = summary["delivered"]
     spent = watched.spent(start, end)
     summary["cpu_seconds"] = {role: {"user": u, "system": s} for role, (u, s) in spent.items()}
-    summary["live_room"]["cpu_percent"] = {
-        role: 100 * (u + s) / phase if phase else 0.0 for role, (u, s) in spent.items()
-    }
+    percent = {role: 100 * (u + s) / phase if phase else 0.0 for role, (u, s) in spent.items()}
+    ours = sum(percent.values())
+    percent["box"] = 100 * box / phase if phase else 0.0
+    percent["others"] = max(0.0, percent["box"] - ours)
+    summary["live_room"]["cpu_percent"] = percent
     for role, (user, system) in spent.items():
         if delivered:
             summary[f"{role}_cpu_us_per_msg"] = (user + system) / delivered * 1e6
@@ -448,6 +484,8 @@ def table_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
         ("delivered", f"{summary['delivered']} pushes (merged like = 1)"),
         ("high latency ms", _latency(high)),
         ("all latency ms", f"{_latency(every)} (probes)"),
+        ("client loop lag ms", _latency(live["latency_ms"]["client_loop_lag"])),
+        ("high > 100 ms / 10 s", " ".join(str(n) for n in _per_ten(live["high_slow_by_second"]))),
         ("high shortfall", str(live["high_shortfall"])),
         ("unexpected drops", json.dumps(live["unexpected_drops"])),
         ("queue drops", json.dumps(live["queue_drops"])),
@@ -463,7 +501,13 @@ def table_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
             busy = live["cpu_percent"][role]
             total = spent["user"] + spent["system"]
             rows.append((f"{role} CPU/msg", f"{per_msg:.2f} us ({total:.1f} s, {busy:.0f} % core)"))
+    box = live["cpu_percent"]
+    rows.append(("box CPU", f"{box['box']:.0f} % core, {box['others']:.0f} % outside the run"))
     return rows
+
+
+def _per_ten(counts: list[int]) -> list[int]:
+    return [sum(counts[i : i + 10]) for i in range(0, len(counts), 10)]
 
 
 def _latency(h: dict[str, float]) -> str:

@@ -4,6 +4,14 @@ Membership is local to the instance; the register holds, per room, how many memb
 instance has (`put_rooms`), which center's workers use to send a room push only to the
 instances that hold members. Big-room rules (room.bigroom) decide per message, before
 any member is touched.
+
+A room's messages go out in flush passes (room.fanout): one shared write per member for
+everything it is owed. Normal and low messages wait for the room tick; a high-priority one
+starts a pass at once, or joins the pass under way, which then serves it to the members not
+yet visited and passes again over the others. A pass writes SLICE_MEMBERS members per
+event-loop iteration, so a room of thousands never holds the loop for long: RPCs (the next
+room push among them) are answered between slices, and passes with a high-priority message
+go first.
 """
 
 from __future__ import annotations
@@ -22,7 +30,7 @@ from im.protocol.messages import PRIORITY_INDEX, validate_server
 from im.rpc import RpcError
 from room.bigroom import Decision, RoomPolicy
 from room.connection import ONLINE, Connection
-from room.fanout import RoomGroup
+from room.fanout import AGAIN_DUE, AGAIN_NONE, AGAIN_URGENT, FlushPass, RoomGroup
 from room.idc_budget import IdcBudget
 
 if TYPE_CHECKING:
@@ -34,6 +42,12 @@ MAX_LABELLED_DROPS = 1000  # distinct (room, type, reason) series before folding
 BROADCAST_SLICES_PER_S = 20
 MAX_BATCH_BYTES = 512 * 1024  # half of what the SDK accepts, leaving room for encoding
 MAX_PACED_BROADCASTS = 16
+#: Members a flush pass writes per event-loop iteration (each write costs ~8 us, mostly the
+#: kernel's): a few milliseconds, then RPCs and the other rooms get their turn.
+SLICE_MEMBERS = 256
+#: Messages a room holds for members not yet served; past it a push is dropped (`backlog`).
+MAX_ROOM_LOG = 4096
+BACKLOG_WARN_EVERY_S = 10.0
 
 _DROP_REASONS = {
     Decision.DROP_BUDGET: "room_budget",
@@ -52,10 +66,15 @@ class ChatRooms:
         self.drops: Counter[tuple[str, str, str]] = Counter()  # (room, type, reason)
         self.delivered = 0  # messages handed to members (one per member per message)
         self.writes = 0  # shared writes
-        self._dirty: set[RoomGroup] = set()  # frames waiting for the room tick
+        # Rooms with messages waiting for the tick, and when it is due for each; in order.
+        self._dirty: dict[RoomGroup, float] = {}
         self._index_dirty: dict[tuple[str, str], RoomGroup] = {}  # counts to tell the register
         self._flush_handle: asyncio.TimerHandle | None = None
-        self._urgent = False
+        # Passes under way, oldest first; those carrying a high-priority message go first.
+        self._urgent: dict[RoomGroup, FlushPass] = {}
+        self._passes: dict[RoomGroup, FlushPass] = {}
+        self._slice_handle: asyncio.Handle | None = None
+        self._backlog_warned = -BACKLOG_WARN_EVERY_S
         self._paced = 0
         self._loop = asyncio.get_running_loop()
 
@@ -75,7 +94,7 @@ class ChatRooms:
                 )
             if group is None:
                 group = self.groups[key] = RoomGroup(conn.product, room, RoomPolicy(room))
-            group.members[conn] = None
+            group.join(conn)
             joined.add(group)
             self._index_dirty[key] = group
         conn.send_now(
@@ -99,7 +118,7 @@ class ChatRooms:
         if conn.rooms:
             conn.rooms.discard(group)
         self._index_dirty[(group.product, group.name)] = group
-        if not group.members and not group.pending:
+        if not group.members:
             self.groups.pop((group.product, group.name), None)
 
     @property
@@ -155,11 +174,20 @@ class ChatRooms:
         if reason is not None:
             self._count_drop(group.name, message["type"], reason)
             return False
-        urgent = False
         if decision is Decision.DELIVER:
+            if len(group.log) >= MAX_ROOM_LOG:
+                self._count_drop(group.name, message["type"], "backlog")
+                now = self._loop.time()
+                if now - self._backlog_warned >= BACKLOG_WARN_EVERY_S:
+                    self._backlog_warned = now
+                    log.warning("room %s holds %d messages not yet written: dropping pushes",
+                                group.name, MAX_ROOM_LOG)  # fmt: skip
+                return False
             group.add(message, shard)
-            urgent = message["pri"] == "high"
-        self._mark(group, urgent)
+            if message["pri"] == "high":
+                self._pass(group, urgent=True)
+                return True
+        self._mark(group)
         return True
 
     def _count_drop(self, room: str, type_: str, reason: str) -> None:
@@ -168,56 +196,102 @@ class ChatRooms:
             key = ("_other", "_other", reason)
         self.drops[key] += 1
 
-    def _mark(self, group: RoomGroup, urgent: bool = False) -> None:
-        """Frames wait for the room tick; a high-priority one (a gift) flushes at the end of
-        this loop iteration, taking whatever else waits along in the same write."""
-        self._dirty.add(group)
-        if urgent:
-            if not self._urgent:
-                self._urgent = True
-                self._loop.call_soon(self.flush)
-        elif self._flush_handle is None:
-            self._flush_handle = self._loop.call_later(
-                self.gateway.config.room_flush_ms / 1000, self.flush
-            )
+    def _mark(self, group: RoomGroup) -> None:
+        """The group's messages wait for the room tick: at most room_flush_ms from the first
+        of them, unless a pass (for a high-priority message) takes them along before."""
+        if group not in self._dirty:
+            self._dirty[group] = self._loop.time() + self.gateway.config.room_flush_ms / 1000
+            if self._flush_handle is None:
+                self._flush_handle = self._loop.call_at(self._dirty[group], self._tick)
 
-    def flush(self) -> None:
-        """The room tick: each room's frames go out as one shared write per member."""
-        if self._flush_handle is not None:
-            self._flush_handle.cancel()
-            self._flush_handle = None
-        self._urgent = False
-        dirty, self._dirty = self._dirty, set()
+    def _tick(self) -> None:
+        """Passes for the rooms whose tick is due; the timer then waits for the next one."""
         now = self._loop.time()
-        switches = self.gateway.switches
-        for group in dirty:
-            policy = group.policy
-            members = len(group.members)
-            for merged in policy.tick(now, switches):
-                self._add_if_idc_allows(group, merged, members, now)
-            for batch in _split_batch(policy.take_batch() or ()):
-                self._add_if_idc_allows(
-                    group, {"op": "batch", "msgs": batch}, members * len(batch), now
-                )
-            pending = group.take()
-            if policy.has_pending():
-                self._mark(group)  # merged likes still to come this second
-            if not pending:
+        dirty = self._dirty
+        while dirty:
+            group, due = next(iter(dirty.items()))
+            if due > now:
+                break
+            del dirty[group]
+            self._pass(group, urgent=False)
+        first = next(iter(dirty.values()), None)
+        self._flush_handle = None if first is None else self._loop.call_at(first, self._tick)
+
+    def _pass(self, group: RoomGroup, urgent: bool) -> None:
+        """A pass over the group's members now; when one is under way, it serves the new
+        messages to the members it has not visited yet and another follows for the rest."""
+        running = self._urgent.get(group) or self._passes.get(group)
+        if running is not None:
+            running.again = max(running.again, AGAIN_URGENT if urgent else AGAIN_DUE)
+            if urgent and group in self._passes:
+                self._urgent[group] = self._passes.pop(group)
+            return
+        self._dirty.pop(group, None)
+        self._take_policy(group)
+        if not group.log:
+            return
+        (self._urgent if urgent else self._passes)[group] = FlushPass(group)
+        if self._slice_handle is None:
+            # A turn of the loop first: the answer to the RPC that brought the message goes
+            # out before the pass starts writing.
+            self._slice_handle = self._loop.call_soon(self._next_turn)
+
+    def _next_turn(self) -> None:
+        self._slice_handle = self._loop.call_soon(self._slice)
+
+    def _take_policy(self, group: RoomGroup) -> None:
+        """Merged likes due and the low pushes held for a batch frame join the pass."""
+        policy = group.policy
+        now = self._loop.time()
+        members = len(group.members)
+        for merged in policy.tick(now, self.gateway.switches):
+            self._add_if_idc_allows(group, merged, members, now)
+        for batch in _split_batch(policy.take_batch() or ()):
+            self._add_if_idc_allows(
+                group, {"op": "batch", "msgs": batch}, members * len(batch), now
+            )
+        if policy.has_pending():
+            self._mark(group)  # merged likes still to come this second
+
+    def _slice(self) -> None:
+        """Up to SLICE_MEMBERS members of the passes under way, then yield the loop."""
+        self._slice_handle = None
+        budget = SLICE_MEMBERS
+        while budget > 0:
+            passes = self._urgent or self._passes
+            if not passes:
+                return
+            group, flush = next(iter(passes.items()))
+            before = flush.cursor
+            self._write(group, flush.take(budget))
+            budget -= flush.cursor - before
+            if flush.done:
+                del passes[group]
+                if flush.finish():
+                    if flush.again == AGAIN_NONE:
+                        self._mark(group)
+                    else:
+                        self._pass(group, urgent=flush.again == AGAIN_URGENT)
+        if self._slice_handle is None and (self._urgent or self._passes):
+            self._slice_handle = self._loop.call_soon(self._slice)
+
+    def _write(self, group: RoomGroup, owed: list[tuple[Connection, int]]) -> None:
+        """One shared write per member of what it is owed (bounded queue if it is slow)."""
+        encode = self.gateway.encode_for
+        queue_frame = self.gateway.queue_frame
+        for conn, mark in owed:
+            if conn.state != ONLINE:
                 continue
-            messages = sum(len(m["msgs"]) if m.get("op") == "batch" else 1 for m, _ in pending)
-            for_member, _ = group.blobs(pending, self.gateway.encode_for)
-            queue_frame = self.gateway.queue_frame
-            for conn in list(group.members):
-                chosen = for_member(conn)
-                if chosen is None or conn.state != ONLINE:
-                    continue
-                priority, data = chosen
-                if conn.paused or conn.queue:
-                    queue_frame(conn, priority, data)
-                else:
-                    conn.transport.write(data)  # type: ignore[union-attr]
-                    self.writes += 1
-                self.delivered += messages
+            found = group.blob(conn, mark, encode)
+            if found is None:
+                continue
+            priority, data, messages = found
+            if conn.paused or conn.queue:
+                queue_frame(conn, priority, data)
+            else:
+                conn.transport.write(data)  # type: ignore[union-attr]
+                self.writes += 1
+            self.delivered += messages
 
     def _add_if_idc_allows(
         self, group: RoomGroup, message: dict, deliveries: int, now: float

@@ -3,11 +3,13 @@ big-room switches, driven through the rooms' RPC as center's workers drive them.
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import pytest
 
 from im.protocol.errors import ErrorCode
+from room import chatrooms
 from room.chatrooms import paced_slices
 from room.fanout import shard_of
 from tests.fixtures.system import System, at_second_start, eventually, metric_value
@@ -303,3 +305,73 @@ def test_paced_slices_cover_everyone_once_evenly_over_the_window(total, spread) 
     assert max(sizes) - min(sizes) <= 1  # the last part of the window gets its share too
     delays = [delay for delay, _, _ in slices]
     assert delays[0] == 0 and delays == sorted(delays) and delays[-1] < spread
+
+
+# -- flush passes ----------------------------------------------------------------------------
+
+
+async def test_a_big_pass_is_written_a_slice_per_loop_iteration(make_system, monkeypatch):
+    monkeypatch.setattr(chatrooms, "SLICE_MEMBERS", 2)
+    system = await make_system(rooms=1, center=False)
+    members = [await joined(system, f"u{i}", "r1") for i in range(5)]
+    chat = system.rooms[0].gateway.rooms
+    before = chat.writes
+    params = {"product": "demo", "room": "r1", "msg": push(1, pri="high", type_="gift")}
+    assert await chat.rpc_room_push(params) == {"written": 5, "dropped": 0}
+    await asyncio.sleep(0)  # the turn that lets the RPC answer out first
+    await asyncio.sleep(0)  # one slice
+    assert chat.writes - before == 2
+    for member in members:
+        assert [m["body"]["n"] for m in await drain(member)] == [1]
+    assert chat.writes - before == 5
+
+
+async def test_a_high_push_joins_the_pass_under_way_and_a_second_pass_serves_the_rest(
+    make_system, monkeypatch
+):
+    monkeypatch.setattr(chatrooms, "SLICE_MEMBERS", 2)
+    system = await make_system(rooms=1, center=False)
+    members = [await joined(system, f"u{i}", "r1") for i in range(5)]
+    chat = system.rooms[0].gateway.rooms
+    before = chat.writes
+    for n in (1, 2):
+        params = {"product": "demo", "room": "r1", "msg": push(n, pri="high", type_="gift")}
+        await chat.rpc_room_push(params)
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+    for member in members:
+        assert [m["body"]["n"] for m in await drain(member)] == [1, 2]
+    # The first slice wrote 1 to u0 and u1; 2 came before the next slice, so u2..u4 got 1
+    # and 2 in one write each, and a second pass wrote 2 to u0 and u1: 7 writes, not 10.
+    assert chat.writes - before == 7
+
+
+async def test_a_high_push_goes_ahead_of_a_tick_pass_in_another_room(make_system, monkeypatch):
+    monkeypatch.setattr(chatrooms, "SLICE_MEMBERS", 2)
+    system = await make_system(rooms=1, center=False, room_flush_ms=60_000)
+    quiet = [await joined(system, f"q{i}", "quiet") for i in range(4)]
+    hot = [await joined(system, f"h{i}", "hot") for i in range(2)]
+    chat = system.rooms[0].gateway.rooms
+    await chat.rpc_room_push({"product": "demo", "room": "quiet", "msg": push(1, room="quiet")})
+    chat._pass(chat.groups["demo", "quiet"], urgent=False)  # as its tick would ...
+    high = push(2, pri="high", room="hot")
+    await chat.rpc_room_push({"product": "demo", "room": "hot", "msg": high})
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)  # ... but the first slice goes to the high push
+    hot_group, quiet_group = chat.groups["demo", "hot"], chat.groups["demo", "quiet"]
+    assert all(mark == hot_group.head for mark in hot_group.members.values())
+    assert all(mark < quiet_group.head for mark in quiet_group.members.values())
+    for client, n in [*((c, 2) for c in hot), *((c, 1) for c in quiet)]:
+        assert [m["body"]["n"] for m in await drain(client)] == [n]
+
+
+async def test_a_pass_takes_waiting_messages_along_and_their_tick_starts_again(make_system):
+    system = await make_system(rooms=1, center=False, room_flush_ms=600)
+    member = await joined(system, "u", "r1")
+    await room_push(system, 0, push(1))  # waits for its tick ...
+    await room_push(system, 0, push(2, pri="high", type_="gift"))  # ... a pass takes it along
+    assert [m["body"]["n"] for m in await drain(member, timeout=0.3)] == [1, 2]
+    started = time.monotonic()
+    await room_push(system, 0, push(3))
+    assert (await member.recv(timeout=3))["body"]["n"] == 3
+    assert time.monotonic() - started >= 0.5  # a tick of its own, not what was left of 1's
