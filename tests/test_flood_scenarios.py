@@ -366,7 +366,8 @@ def test_upstream_frames_reach_the_webhook(system: dict[str, Any], tmp_path: Pat
     found = summary["upstream"]
     assert summary["sent"] == 100 and found["acked"] == 100 and found["refused"] == {}
     assert found["received"] == 100 and summary["lost"] == 0 and summary["duplicates"] == 0
-    assert found["events_before"] >= 40  # the logins' online events came first
+    # Online events are not counted here: the tester's webhook starts after the logins, so
+    # theirs may be retried or dead-lettered first (tests/test_upstream_bind_e2e.py has them).
     assert 0 < summary["latency_ms"]["p50"] <= summary["latency_ms"]["max"]
     assert found["throughput_per_s"] > 0
 
