@@ -181,6 +181,7 @@ class WorkerSpec:
     room: str | None = None  # join this chat room after auth and tally its pushes
     probe_every: int = 0  # client i is a probe when i % probe_every == 0; 0 = no probes
     seq_total: int = 0  # sequence numbers a probe records (0 .. seq_total-1)
+    sched_batch: bool = False  # run this process under SCHED_BATCH
     #: A scenario's client behaviour (bench.scenario_clients.Plan); None: the plain Worker.
     plan: Any = None
 
@@ -742,6 +743,8 @@ def raise_fd_limit() -> None:
 def worker_main(spec: WorkerSpec, pipe: Connection) -> None:
     """Entry point of a worker process."""
     raise_fd_limit()
+    if spec.sched_batch:
+        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
 
     async def main() -> None:
         worker = Worker(spec, pipe) if spec.plan is None else spec.plan.worker(spec, pipe)

@@ -46,15 +46,14 @@ from urllib.parse import urlsplit
 import orjson
 import uvloop
 
-from im.config import ConfigError, load_products
-
-if __package__ in (None, ""):  # run as `python3 bench/flood.py`: make `bench` importable
+if __package__ in (None, ""):  # run as `python3 bench/flood.py`: make the repo importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench import clients, procstat, roomrun, scenario_list, scenario_route  # noqa: E402
 from bench.clients import Target, WorkerSpec  # noqa: E402
 from bench.poster import PacedPoster  # noqa: E402
 from bench.scenario_clients import Plan  # noqa: E402
 from bench.scenario_common import Context, CpuMarks, ScenarioError  # noqa: E402
+from im.config import ConfigError, load_products  # noqa: E402
 
 RSS_SAMPLES = 3
 RSS_SAMPLE_GAP_S = 0.5
@@ -134,6 +133,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="distinct loopback source addresses to bind (127.0.i//250.i%%250+2), so large "
         "counts do not exhaust one address's ephemeral ports; 0 binds none; used only "
         "when the targets are on 127.x (default 16)",
+    )
+    add(
+        "--batch-clients",
+        action="store_true",
+        help="run the client workers under SCHED_BATCH: they still get their share of the "
+        "CPU, but a client woken by data no longer preempts the server that is writing to "
+        "it (on one box, a room pass is otherwise cut into thousands of context switches)",
     )
     add(
         "--connect-rate",
@@ -674,6 +680,7 @@ def plan_workers(
                 connect_rate=args.connect_rate / args.procs,
                 connect_timeout=args.connect_timeout,
                 ping_interval=args.ping_interval,
+                sched_batch=args.batch_clients,
                 plan=plan,
                 **room_fields,
             )
@@ -850,6 +857,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "targets": [str(t) for t in targets],
         "clients": args.clients,
         "procs": args.procs,
+        "batch_clients": args.batch_clients,
         "sources": len(sources_of(args.sources, targets)),
         "duration": args.duration,
         "rate": args.rate if args.scenario != "idle" else None,

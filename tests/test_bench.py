@@ -486,3 +486,20 @@ def test_room_run_degraded_delivers_every_high_and_drops_only_what_switches_limi
     assert all(row["unexplained"] == 0 for row in live["kinds"] if row["name"] != "like")
     assert live["like_units"] > 0
     assert summary["room_cpu_us_per_msg"] is not None
+
+
+def test_fanout_floor_reads_every_burst_of_every_writer(tmp_path: Path) -> None:
+    out = tmp_path / "floor.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.fanout_floor", "--writers", "2", "--conns", "40",
+         "--readers", "2", "--rate", "20", "--seconds", "0.5", "--size", "64",
+         "--json", str(out)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    found = json.loads(out.read_text())
+    assert found["writes"] == 2 * 40 * 10
+    assert found["reads"] == found["writes"]
+    assert 0 < found["latency_ms"]["p50"] <= found["latency_ms"]["max"] < 5000
+    assert found["writer_us_per_write"] > 0 and found["reader_us_per_read"] > 0
+    assert "p99" in done.stdout
