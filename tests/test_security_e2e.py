@@ -188,8 +188,32 @@ async def test_a_request_head_trickling_in_is_answered_408(make_system) -> None:
 async def test_a_request_head_over_the_limit_is_refused_431(make_system) -> None:
     room = await make_system(rooms=1, center=False, max_http_head=1024)
     request = b"GET /ws HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * 2000 + b"\r\n\r\n"
-    status, _ = await raw_http(room.ws_port(0), request)
+    status, body = await raw_http(room.ws_port(0), request)
     assert status == 431
+    assert json_error(body)["code"] == "request_header_fields_too_large"
+
+
+@pytest.mark.parametrize(
+    ("request_head", "status", "code"),
+    [
+        (b"GET /ws HTTP/1.1\r\nHost: x\r\n\r\n", 426, "upgrade_required"),
+        (b"GET /chat HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n\r\n", 404, "not_found"),
+        (b"\x16\x03\x01\x00\xa5\x01\x00\x00\r\n\r\n", 400, "bad_request"),
+        (
+            b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Key: short\r\nSec-WebSocket-Version: 13\r\n\r\n",
+            400,
+            "bad_request",
+        ),
+    ],
+)
+async def test_websocket_handshake_refusals_have_the_json_body(
+    make_system, request_head: bytes, status: int, code: str
+) -> None:
+    room = await make_system(rooms=1, center=False)
+    answered, body = await raw_http(room.ws_port(0), request_head)
+    assert answered == status
+    assert json_error(body)["code"] == code
 
 
 async def test_a_client_that_stops_reading_is_closed_as_a_slow_reader(make_system) -> None:

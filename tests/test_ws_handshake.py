@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import orjson
 import pytest
 from websockets.client import ClientProtocol
 from websockets.exceptions import InvalidStatus
 from websockets.protocol import OPEN
 from websockets.uri import parse_uri
 
+from im.http_errors import code_for_status
 from im.protocol.codec import SUBPROTOCOLS
 from im.protocol.websocket import OP_BINARY, OP_TEXT, encode_client_frame
 from im.protocol.ws_handshake import (
@@ -36,6 +38,18 @@ def status_of(result: Rejected) -> int:
 
 def body_of(result: Rejected) -> bytes:
     return result.response.partition(b"\r\n\r\n")[2]
+
+
+def error_of(result: Rejected) -> dict[str, str]:
+    """The refusal's JSON error, checked against the shape every HTTP answer of ours has."""
+    head, _, body = result.response.partition(b"\r\n\r\n")
+    head += b"\r\n"
+    assert b"\r\nContent-Type: application/json\r\n" in head
+    assert f"\r\nContent-Length: {len(body)}\r\n".encode() in head
+    assert head.count(b"Content-Type") == 1 and head.count(b"Content-Length") == 1
+    error = orjson.loads(body)["error"]
+    assert error["code"] == code_for_status(status_of(result), {})
+    return error
 
 
 def upgrade(path: bytes = b"/ws", method: bytes = b"GET", extra: bytes = b"") -> bytes:
@@ -84,7 +98,10 @@ def test_only_unknown_subprotocols_are_refused_with_a_reason() -> None:
     result = Handshake().receive(request)
     assert isinstance(result, Rejected)
     assert status_of(result) == 400
-    assert b"unsupported subprotocol; expected one of im.v1.msgpack, im.v1.json" in body_of(result)
+    assert (
+        "unsupported subprotocol; expected one of im.v1.msgpack, im.v1.json"
+        in (error_of(result)["message"])
+    )
     client.receive_data(result.response)
     assert isinstance(client.handshake_exc, InvalidStatus)
     assert client.handshake_exc.response.status_code == 400
@@ -153,7 +170,10 @@ def test_upgrade_to_another_path_is_404() -> None:
     result = Handshake().receive(request)
     assert isinstance(result, Rejected)
     assert status_of(result) == 404
-    assert b"/ws" in body_of(result)
+    assert error_of(result) == {
+        "code": "not_found",
+        "message": "no WebSocket endpoint at /chat; use /ws",
+    }
     client.receive_data(result.response)
     assert isinstance(client.handshake_exc, InvalidStatus)
 
@@ -177,6 +197,7 @@ def test_plain_get_on_the_websocket_path_is_426() -> None:
     assert isinstance(result, Rejected)
     assert status_of(result) == 426
     assert b"\r\nUpgrade: websocket\r\n" in result.response
+    assert error_of(result)["code"] == "upgrade_required"
 
 
 @pytest.mark.parametrize(
@@ -195,6 +216,7 @@ def test_bad_upgrades_are_refused_by_rfc_6455_rules(raw: bytes, status: int) -> 
     assert isinstance(result, Rejected)
     assert status_of(result) == status
     assert b"Connection: close" in result.response
+    assert error_of(result)["message"]
 
 
 @pytest.mark.parametrize(
@@ -213,7 +235,7 @@ def test_garbage_is_400(raw: bytes) -> None:
     result = Handshake().receive(raw)
     assert isinstance(result, Rejected)
     assert status_of(result) == 400
-    assert body_of(result).startswith(b"bad HTTP request: ")
+    assert error_of(result)["message"].startswith("bad HTTP request: ")
 
 
 def test_garbage_is_refused_at_its_first_line() -> None:
@@ -222,7 +244,7 @@ def test_garbage_is_refused_at_its_first_line() -> None:
     result = handshake.receive(b"TP\r\nmore")
     assert isinstance(result, Rejected)
     assert status_of(result) == 400
-    assert b"NOT HTTP" in body_of(result)
+    assert "NOT HTTP" in error_of(result)["message"]
 
 
 def test_endless_head_is_431_once_past_the_limit() -> None:
@@ -236,6 +258,10 @@ def test_endless_head_is_431_once_past_the_limit() -> None:
         fed += 100
     assert isinstance(result, Rejected)
     assert status_of(result) == 431
+    assert error_of(result) == {
+        "code": "request_header_fields_too_large",
+        "message": "request head longer than 1024 bytes",
+    }
     assert fed > 1024
 
 
@@ -269,3 +295,4 @@ def test_limits_websockets_enforces_itself_keep_its_response() -> None:
     result = handshake.receive(b"a" * 1000)
     assert isinstance(result, Rejected)
     assert status_of(result) == 414
+    assert error_of(result)["message"]

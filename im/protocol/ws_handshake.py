@@ -10,12 +10,14 @@ from __future__ import annotations
 import http
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+import orjson
 from websockets.exceptions import NegotiationError
-from websockets.http11 import Request
+from websockets.http11 import Request, Response
 from websockets.server import ServerProtocol
 
+from im.http_errors import code_for_status, error_body
 from im.protocol.codec import SUBPROTOCOLS, Encoding
 
 #: What a client that names no subprotocol speaks.
@@ -67,8 +69,26 @@ def http_response(status: int, body: bytes, content_type: str) -> bytes:
     ).encode("latin-1") + body
 
 
-def _text_response(status: int, text: str) -> Rejected:
-    return Rejected(http_response(status, text.encode(), "text/plain; charset=utf-8"))
+def _error_body(status: int, message: str) -> bytes:
+    """The JSON error every HTTP answer of ours has (im.http_errors), code named by status."""
+    return orjson.dumps(error_body(code_for_status(status, {}), message))
+
+
+def _refused(status: int, message: str) -> Rejected:
+    return Rejected(http_response(status, _error_body(status, message), "application/json"))
+
+
+def _as_json(response: Response) -> Response:
+    """A refusal `websockets` made, with its status and headers (426's Upgrade, say), and
+    its text as the message of our JSON error body."""
+    message = response.body.decode(errors="replace").strip()
+    body = _error_body(response.status_code, message)
+    headers = response.headers.copy()
+    del headers["Content-Type"]
+    del headers["Content-Length"]
+    headers["Content-Type"] = "application/json"
+    headers["Content-Length"] = str(len(body))
+    return replace(response, headers=headers, body=body)
 
 
 def _select_subprotocol(protocol: ServerProtocol, offered: Sequence[str]) -> str | None:
@@ -119,7 +139,7 @@ class Handshake:
         end = self._head_end(data)
         size = self._size + (len(data) if end < 0 else end)
         if size > self._max:
-            return _text_response(431, f"request head longer than {self._max} bytes\n")
+            return _refused(431, f"request head longer than {self._max} bytes")
         self._size = size
         proto = self._proto
         proto.receive_data(data if end < 0 else data[:end])
@@ -142,21 +162,25 @@ class Handshake:
         return i + 4 if i >= 0 else -1
 
     def _failed(self) -> Rejected:
-        """The head could not be parsed; `websockets` answered some cases (414, 431) itself."""
+        """The head could not be parsed; `websockets` words some cases (414, 431) itself."""
         written = b"".join(self._proto.data_to_send())
         if written:
-            return Rejected(written)
+            status = int(written.split(b" ", 2)[1])
+            text = written.partition(b"\r\n\r\n")[2].decode(errors="replace").strip()
+            return _refused(status, text)
         exc = self._proto.handshake_exc
-        return _text_response(400, f"bad HTTP request: {exc.__cause__ or exc}\n")
+        return _refused(400, f"bad HTTP request: {exc.__cause__ or exc}")
 
     def _answer(self, request: Request, leftover: bytes) -> HandshakeResult:
         path = request.path.partition("?")[0]
         if path != self._path:
             if "Upgrade" in request.headers:
-                return _text_response(404, f"no WebSocket endpoint at {path}; use {self._path}\n")
+                return _refused(404, f"no WebSocket endpoint at {path}; use {self._path}")
             return PlainRequest(request.method, path)
         proto = self._proto
         response = proto.accept(request)
+        if response.status_code != 101:
+            response = _as_json(response)
         proto.send_response(response)
         written = b"".join(proto.data_to_send())
         if response.status_code != 101:
