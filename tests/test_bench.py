@@ -501,5 +501,6 @@ def test_fanout_floor_reads_every_burst_of_every_writer(tmp_path: Path) -> None:
     assert found["writes"] == 2 * 40 * 10
     assert found["reads"] == found["writes"]
     assert 0 < found["latency_ms"]["p50"] <= found["latency_ms"]["max"] < 5000
-    assert found["writer_us_per_write"] > 0 and found["reader_us_per_read"] > 0
+    # CPU is read in clock ticks (10 ms): a run this short may show none for the readers.
+    assert found["writer_us_per_write"] >= 0 and found["reader_us_per_read"] >= 0
     assert "p99" in done.stdout
