@@ -33,21 +33,13 @@ from typing import Any
 
 import uvloop
 
-from bench.clients import raise_fd_limit
+from bench.clients import raise_fd_limit, run_as_batch
 from bench.latency import Histogram
 from bench.ports import free_port
-from bench.procstat import cpu_seconds
+from bench.procstat import box_busy_seconds, cpu_seconds
 
 STAMP = 8  # bytes of the burst's time (ns, big-endian) at the start of each frame
 SETTLE_S = 1.0  # after every reader is connected, before the first burst
-
-
-def _box_cpu_seconds() -> float:
-    """Busy CPU time of the whole machine (all cores), from /proc/stat."""
-    with open("/proc/stat", encoding="ascii") as file:
-        fields = [int(x) for x in file.readline().split()[1:]]
-    idle = fields[3] + fields[4]
-    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
 # -- writers ----------------------------------------------------------------------------
@@ -140,7 +132,7 @@ async def _read_bursts(ports: list[int], count: int, size: int, pipe: Connection
 def reader_main(ports: list[int], count: int, size: int, batch: bool, pipe: Connection) -> None:
     raise_fd_limit()
     if batch:
-        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+        run_as_batch()
     with contextlib.suppress(KeyboardInterrupt):
         uvloop.run(_read_bursts(ports, count, size, pipe))
 
@@ -172,7 +164,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         pipe.recv()
     time.sleep(SETTLE_S)
     cpu0 = {p.pid: cpu_seconds(p.pid) for p, _ in writers + readers}
-    box0, wall0 = _box_cpu_seconds(), time.monotonic()
+    box0, wall0 = box_busy_seconds(), time.monotonic()
     start = time.time() + 0.2
     for _, pipe in writers:
         pipe.send(start)
@@ -180,7 +172,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         pipe.recv()
     time.sleep(0.5)  # the last burst's reads
     cpu = {p.pid: cpu_seconds(p.pid) - cpu0[p.pid] for p, _ in writers + readers}
-    box, wall = _box_cpu_seconds() - box0, time.monotonic() - wall0
+    box, wall = box_busy_seconds() - box0, time.monotonic() - wall0
     latency = Histogram()
     for _, pipe in readers:
         pipe.send("stop")

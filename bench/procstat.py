@@ -26,6 +26,12 @@ def parse_stat(text: str) -> tuple[int, int]:
     return int(fields[11]), int(fields[12])
 
 
+def parse_box_busy(cpu_line: str) -> int:
+    """Busy clock ticks in the `cpu` line of /proc/stat: all but idle and iowait."""
+    ticks = [int(field) for field in cpu_line.split()[1:9]]
+    return sum(ticks) - ticks[3] - ticks[4]
+
+
 def parse_status_rss(text: str) -> int:
     """VmRSS in bytes from the text of /proc/PID/status."""
     for line in text.splitlines():
@@ -62,6 +68,12 @@ def parse_environ(data: bytes, prefix: str = "") -> dict[str, str]:
 def environ(pid: int, prefix: str = "") -> dict[str, str]:
     """A process's environment variables starting with `prefix` (as it was started)."""
     return parse_environ(Path(f"/proc/{pid}/environ").read_bytes(), prefix)
+
+
+def box_busy_seconds() -> float:
+    """CPU seconds all cores of the box have been busy since boot, from /proc/stat."""
+    with open("/proc/stat", encoding="ascii") as stat:
+        return parse_box_busy(stat.readline()) / CLOCK_TICKS
 
 
 def cpu_times(pid: int) -> tuple[float, float]:

@@ -282,14 +282,14 @@ async def run(
         publisher = RoomPublisher(args, api_key)
         set_publisher(publisher)
         cpu_start = watched.cpu()
-        box_start = box_busy_seconds()
+        box_start = procstat.box_busy_seconds()
         started = time.monotonic()
         summary["live_room"]["push_started"] = time.time()
         await publisher.run()
         await _quiet(fleet, args.grace)
         phase = time.monotonic() - started
         cpu_end = watched.cpu()
-        box = box_busy_seconds() - box_start
+        box = procstat.box_busy_seconds() - box_start
         after = await scrape(session, targets, args.room, errors)
         rpc = rpc_delta(await center_rpc(session, args.center, errors), rpc_before)
     tallies = await fleet.tallies()
@@ -420,18 +420,6 @@ def _account(
         messages_per_write=room_delivered / room_writes if room_writes else None,
         high_slow_by_second=slow_seconds(slow, summary["live_room"]["push_started"]),
     )
-
-
-def box_busy_seconds() -> float:
-    """CPU seconds all cores of the box have been busy since boot, from /proc/stat."""
-    with open("/proc/stat", encoding="ascii") as stat:
-        return parse_box_busy(stat.readline()) / procstat.CLOCK_TICKS
-
-
-def parse_box_busy(cpu_line: str) -> int:
-    """Busy clock ticks in the `cpu` line of /proc/stat: all but idle and iowait."""
-    ticks = [int(field) for field in cpu_line.split()[1:9]]
-    return sum(ticks) - ticks[3] - ticks[4]
 
 
 def slow_seconds(slow: Mapping[int, int], started: float) -> list[int]:

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import msgpack
 
-from bench.roomrun import parse_box_busy, slow_seconds
+from bench.procstat import parse_box_busy
+from bench.roomrun import slow_seconds
 from room.fanout import FlushPass, RoomGroup, shard_of
 
 
